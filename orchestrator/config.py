@@ -1,0 +1,319 @@
+"""cluster.yaml: the one file that describes a pdcluster deployment.
+
+Loaded once at the edge (`load_config`) and turned into frozen dataclasses; every problem is reported as a
+`ConfigError` that names the key (`decode.mesh.tp`), what is wrong, and what to write instead. Nothing past this
+module reads raw YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_NAME = "default_cluster.yaml"
+
+
+class ConfigError(ValueError):
+    """A cluster.yaml problem, with the dotted key that holds it."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"cluster.yaml: {key}: {message}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    path: str  # HF-format directory (config.json + *.safetensors [+ tokenizer.json])
+    preset: str | None = None  # created at `path` with seeded random weights if the directory is missing
+    dtype: str = "float32"
+    name: str = ""  # shown in status; defaults to the directory name
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSection:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    policy: str = "least-loaded"
+    max_inflight: int = 256  # admission limit: more concurrent requests get RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # None: the model's context
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.cp * self.pp
+
+
+@dataclass(frozen=True, kw_only=True)
+class TierSection:
+    name: str  # "prefill" or "decode"
+    replicas: int = 1
+    min_replicas: int = 0
+    max_replicas: int | None = None
+    mesh: MeshSection = field(default_factory=MeshSection)
+    # Ray resources of each rank actor: num_cpus, num_gpus, accelerator_type, and custom resources.
+    resources: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.5})
+    # prefill: batching budget per forward pass
+    max_batch_tokens: int = 4096
+    max_batch_seqs: int = 32
+    # decode: paged KV cache and running batch
+    num_kv_blocks: int = 1024
+    block_size: int = 16
+    max_num_seqs: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVTransferSection:
+    backend: str = "ucx"
+    lease_s: float = 30.0  # a reservation with no completed transfer after this long is freed
+    layerwise: bool = True  # push layer l while layer l+1 computes
+    checksum: bool = False  # per-layer checksum, for debugging
+
+
+@dataclass(frozen=True, kw_only=True)
+class RaySection:
+    address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
+    num_cpus: int | None = None  # logical CPUs of the local instance (None: enough for the tiers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    model: ModelSection
+    router: RouterSection
+    prefill: TierSection
+    decode: TierSection
+    kv_transfer: KVTransferSection
+    ray: RaySection
+    source: str = ""  # file it came from, for messages
+
+    def tiers(self) -> tuple[TierSection, TierSection]:
+        return (self.prefill, self.decode)
+
+
+_KNOWN_BACKENDS = ("ucx", "nccl")
+_KNOWN_POLICIES = ("least-loaded", "power-of-two", "round-robin")
+_KNOWN_DTYPES = ("float32", "bfloat16", "float16")
+_KNOWN_RESOURCE_KEYS = ("num_cpus", "num_gpus", "accelerator_type", "memory", "custom")
+
+
+def _section(raw: dict, key: str, parent: str = "") -> dict:
+    full = f"{parent}{key}"
+    value = raw.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(full, f"expected a mapping, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _reject_unknown(section: dict, allowed: tuple[str, ...], prefix: str) -> None:
+    for key in section:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}", f"unknown key; allowed keys here: {', '.join(allowed)}")
+
+
+def _int(section: dict, key: str, prefix: str, default: int | None, *, minimum: int | None = None) -> int | None:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{prefix}{key}", f"expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{prefix}{key}", f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(section: dict, key: str, prefix: str, default: float, *, positive: bool = True) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{prefix}{key}", f"expected a number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{prefix}{key}", f"must be > 0, got {value}")
+    return float(value)
+
+
+def _str(section: dict, key: str, prefix: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{prefix}{key}", f"expected a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{prefix}{key}", f"{value!r} is not one of: {', '.join(choices)}")
+    return value
+
+
+def _bool(section: dict, key: str, prefix: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{prefix}{key}", f"expected true or false, got {value!r}")
+    return value
+
+
+def _parse_mesh(raw: dict, prefix: str) -> MeshSection:
+    _reject_unknown(raw, ("tp", "cp", "pp", "ep"), prefix)
+    degrees = {k: _int(raw, k, prefix, 1, minimum=1) for k in ("tp", "cp", "pp", "ep")}
+    return MeshSection(**degrees)
+
+
+def _parse_resources(raw: dict, prefix: str) -> dict[str, Any]:
+    _reject_unknown(raw, _KNOWN_RESOURCE_KEYS, prefix)
+    resources: dict[str, Any] = {}
+    if "num_cpus" in raw:
+        resources["num_cpus"] = _float(raw, "num_cpus", prefix, 0.5)
+    if "num_gpus" in raw:
+        resources["num_gpus"] = _float(raw, "num_gpus", prefix, 1.0)
+    if "memory" in raw:
+        resources["memory"] = _int(raw, "memory", prefix, None, minimum=1)
+    if "accelerator_type" in raw:
+        resources["accelerator_type"] = _str(raw, "accelerator_type", prefix, None)
+    if "custom" in raw:
+        custom = raw["custom"]
+        if not isinstance(custom, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in custom.items()
+        ):
+            raise ConfigError(f"{prefix}custom", "expected a mapping of resource name to amount, e.g. {my_res: 1}")
+        resources["custom"] = dict(custom)
+    if "num_cpus" not in resources:
+        resources["num_cpus"] = 0.5 if "num_gpus" not in resources else 1.0
+    return resources
+
+
+def _parse_tier(raw: dict, name: str) -> TierSection:
+    p = f"{name}."
+    allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
+               "num_kv_blocks", "block_size", "max_num_seqs")
+    _reject_unknown(raw, allowed, p)
+    replicas = _int(raw, "replicas", p, 1, minimum=0)
+    min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
+    max_replicas = _int(raw, "max_replicas", p, None, minimum=1)
+    if replicas < min_replicas:
+        raise ConfigError(f"{p}replicas", f"{replicas} is below min_replicas ({min_replicas})")
+    if max_replicas is not None and replicas > max_replicas:
+        raise ConfigError(f"{p}replicas", f"{replicas} is above max_replicas ({max_replicas})")
+    tier = TierSection(
+        name=name,
+        replicas=replicas,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        mesh=_parse_mesh(_section(raw, "mesh", p), f"{p}mesh."),
+        resources=_parse_resources(_section(raw, "resources", p), f"{p}resources."),
+        max_batch_tokens=_int(raw, "max_batch_tokens", p, 4096, minimum=1),
+        max_batch_seqs=_int(raw, "max_batch_seqs", p, 32, minimum=1),
+        num_kv_blocks=_int(raw, "num_kv_blocks", p, 1024, minimum=1),
+        block_size=_int(raw, "block_size", p, 16, minimum=1),
+        max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
+    )
+    return tier
+
+
+def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") -> ClusterConfig:
+    """Validate a parsed YAML document. `base_dir` resolves a relative model path (the YAML file's folder)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")
+    _reject_unknown(raw, ("model", "router", "prefill", "decode", "kv_transfer", "ray"), "")
+
+    model_raw = _section(raw, "model")
+    _reject_unknown(model_raw, ("path", "preset", "dtype", "name"), "model.")
+    path = _str(model_raw, "path", "model.", None)
+    if not path:
+        raise ConfigError("model.path", "missing: set it to a Hugging Face model directory (config.json + safetensors)")
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path) and base_dir is not None:
+        path = str((base_dir / path).resolve())
+    model = ModelSection(
+        path=path,
+        preset=_str(model_raw, "preset", "model.", None),
+        dtype=_str(model_raw, "dtype", "model.", "float32", _KNOWN_DTYPES),
+        name=_str(model_raw, "name", "model.", "") or Path(path).name,
+    )
+
+    router_raw = _section(raw, "router")
+    _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens"),
+                    "router.")
+    port = _int(router_raw, "port", "router.", 50051, minimum=0)
+    if port > 65535:
+        raise ConfigError("router.port", f"{port} is not a TCP port (0-65535; 0 picks a free one)")
+    router = RouterSection(
+        host=_str(router_raw, "host", "router.", "127.0.0.1"),
+        port=port,
+        policy=_str(router_raw, "policy", "router.", "least-loaded", _KNOWN_POLICIES),
+        max_inflight=_int(router_raw, "max_inflight", "router.", 256, minimum=1),
+        max_message_bytes=_int(router_raw, "max_message_bytes", "router.", 4 * 1024 * 1024, minimum=1024),
+        max_prompt_tokens=_int(router_raw, "max_prompt_tokens", "router.", None, minimum=1),
+    )
+
+    kv_raw = _section(raw, "kv_transfer")
+    _reject_unknown(kv_raw, ("backend", "lease_s", "layerwise", "checksum"), "kv_transfer.")
+    kv = KVTransferSection(
+        backend=_str(kv_raw, "backend", "kv_transfer.", "ucx", _KNOWN_BACKENDS),
+        lease_s=_float(kv_raw, "lease_s", "kv_transfer.", 30.0),
+        layerwise=_bool(kv_raw, "layerwise", "kv_transfer.", True),
+        checksum=_bool(kv_raw, "checksum", "kv_transfer.", False),
+    )
+
+    ray_raw = _section(raw, "ray")
+    _reject_unknown(ray_raw, ("address", "num_cpus"), "ray.")
+    ray_section = RaySection(
+        address=_str(ray_raw, "address", "ray.", None),
+        num_cpus=_int(ray_raw, "num_cpus", "ray.", None, minimum=1),
+    )
+
+    config = ClusterConfig(
+        model=model,
+        router=router,
+        prefill=_parse_tier(_section(raw, "prefill"), "prefill"),
+        decode=_parse_tier(_section(raw, "decode"), "decode"),
+        kv_transfer=kv,
+        ray=ray_section,
+        source=source,
+    )
+    if config.kv_transfer.backend == "nccl":
+        raise ConfigError("kv_transfer.backend", "'nccl' is not available in this release yet; use 'ucx'")
+    for tier in config.tiers():
+        if tier.mesh.world_size != 1 or tier.mesh.ep != 1:
+            raise ConfigError(f"{tier.name}.mesh", "multi-rank meshes are not available in this release yet; "
+                              "use tp: 1, cp: 1, pp: 1, ep: 1")
+    return config
+
+
+def default_config_path() -> Path:
+    return Path(__file__).with_name(DEFAULT_CONFIG_NAME)
+
+
+def load_config(path: str | os.PathLike | None = None) -> ClusterConfig:
+    """Read and validate a cluster.yaml; None reads the embedded default."""
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError("(file)", f"{file} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("(file)", f"cannot read {file}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("(syntax)", f"not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    base_dir = file.resolve().parent if path is not None else None
+    return parse_config(raw, base_dir=base_dir, source=str(file))
+
+
+def with_overrides(config: ClusterConfig, **changes: Any) -> ClusterConfig:
+    """Copy with top-level sections replaced, e.g. router=dataclasses.replace(config.router, port=0)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,144 @@
+"""The `pdcluster` command.
+
+  pdcluster serve [CONFIG] [--port N]        run a cluster in the foreground (Ctrl-C stops it cleanly)
+  pdcluster demo [CONFIG]                    start the default cluster, stream a few requests, print figures, stop
+  pdcluster generate --address H:P PROMPT    stream one completion from a running cluster
+  pdcluster status --address H:P [--json]    tiers, replicas, load and free KV blocks
+  pdcluster make-model DIR --preset NAME     write a model with seeded random weights in Hugging Face format
+
+Configuration problems print one line naming the key and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None, port: int | None = None):
+    from orchestrator.config import load_config
+
+    config = load_config(path)
+    if port is not None:
+        if not 0 <= port <= 65535:
+            from orchestrator.config import ConfigError
+
+            raise ConfigError("router.port", f"--port {port} is not a TCP port (0-65535)")
+        config = dataclasses.replace(config, router=dataclasses.replace(config.router, port=port))
+    return config
+
+
+def cmd_serve(args) -> int:
+    from orchestrator.serve import RunningCluster
+
+    config = _load(args.config, args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = RunningCluster(config)
+    try:
+        cluster.start()
+        print(f"pdcluster: serving; try `pdcluster generate --address {cluster.address} \"Hello\"`. "
+              "Ctrl-C stops.", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("pdcluster: shutting down (finishing in-flight requests) ...", file=sys.stderr, flush=True)
+    finally:
+        cluster.stop()
+    print("pdcluster: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from mesh.presets import PRESETS, make_model
+
+    if args.preset not in PRESETS:
+        print(f"pdcluster: unknown --preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}", file=sys.stderr)
+        return EXIT_CONFIG
+    if os.path.exists(os.path.join(args.dir, "config.json")) and not args.force:
+        print(f"pdcluster: {args.dir} already holds a model (config.json); pass --force to overwrite", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"pdcluster: writing {args.preset} (seed {args.seed}, {args.dtype}) to {args.dir} ...", file=sys.stderr,
+          flush=True)
+    import torch
+
+    make_model(args.dir, preset=args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
+    print(f"pdcluster: done: {args.dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(_load(args.config, args.port), num_requests=args.requests, max_tokens=args.max_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from orchestrator import cli_client
+
+    parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving on Ray.")
+    parser.add_argument("--log-level", default=os.environ.get("PDCLUSTER_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a cluster in the foreground")
+    serve.add_argument("config", nargs="?", help="cluster.yaml (default: the embedded one-machine CPU cluster)")
+    serve.add_argument("--port", type=int, help="router port (overrides router.port)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="start a cluster, stream a few concurrent requests, print figures, stop")
+    demo.add_argument("config", nargs="?", help="cluster.yaml (default: the embedded one)")
+    demo.add_argument("--port", type=int, default=0, help="router port (default: any free port)")
+    demo.add_argument("--requests", type=int, default=4)
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="stream one completion from a running cluster")
+    cli_client.add_generate_args(gen)
+    gen.set_defaults(func=cli_client.run_generate)
+
+    status = sub.add_parser("status", help="show tiers, replicas, load and KV blocks")
+    cli_client.add_status_args(status)
+    status.set_defaults(func=cli_client.run_status)
+
+    make = sub.add_parser("make-model", help="write a Hugging Face model directory with seeded random weights")
+    make.add_argument("dir")
+    make.add_argument("--preset", default="tiny-llama")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    make.add_argument("--force", action="store_true")
+    make.set_defaults(func=cmd_make_model)
+    return parser
+
+
+def _deployment_error():
+    from orchestrator.deploy import DeploymentError
+
+    return DeploymentError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orchestrator.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"pdcluster: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except _deployment_error() as exc:
+        print(f"pdcluster: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

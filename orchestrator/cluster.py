@@ -1,0 +1,204 @@
+"""The Ray-backed `Backend`: drives one request through the two tiers.
+
+Per request (DESIGN.md, "The request path"):
+  1. pick a decode replica (policy over free KV blocks and load) and reserve KV space there (with a lease);
+  2. pick a prefill replica (policy over its queue) and run the prompt; it pushes KV layer by layer into the
+     reservation and returns the first token, which is streamed at once (TTFT);
+  3. stream the decode replica's tokens until a finish reason.
+Closing the stream (client cancel, stop string, deadline) aborts the request on both replicas, so no KV block or
+queue slot outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import ray
+
+from mesh.config import ModelConfig
+from decode_tier.replica import ReservationRefused
+from orchestrator.backend import BackendError, FinishEvent, ModelInfo, RequestSpec, Timings, TokenEvent
+from orchestrator.deploy import Deployment, ReplicaHandle
+from orchestrator.policies import get_policy
+
+log = logging.getLogger("pdcluster.cluster")
+
+
+class ClusterBackend:
+    def __init__(self, deployment: Deployment):
+        self.deployment = deployment
+        config = deployment.config
+        model_config = ModelConfig.from_dir(config.model.path)
+        self._model_info = ModelInfo(
+            model_name=config.model.name,
+            vocab_size=model_config.vocab_size,
+            max_context_len=model_config.max_position_embeddings,
+            eos_token_ids=tuple(model_config.eos_token_ids),
+        )
+        self._policy = get_policy(config.router.policy)
+        # The router's own view of each replica's load, updated as it routes (no round trip per request).
+        self._inflight: dict[str, int] = {}
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    def _ready(self, tier: str) -> list[ReplicaHandle]:
+        return [h for h in self.deployment.replicas(tier) if h.state == "ready"]
+
+    def _load(self, handle: ReplicaHandle) -> dict:
+        return {"inflight": self._inflight.get(handle.replica_id, 0),
+                "num_free_blocks": handle.info.get("num_free_blocks", 0)}
+
+    async def _reserve(self, spec: RequestSpec) -> tuple[ReplicaHandle, object]:
+        candidates = self._ready("decode")
+        if not candidates:
+            raise BackendError(grpc.StatusCode.UNAVAILABLE, "no decode replica is ready")
+        refusals = []
+        for handle in self._policy.order(candidates, self._load):
+            try:
+                info = await handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params)
+                used = len(info.block_ids)
+                handle.info["num_free_blocks"] = max(0, handle.info.get("num_free_blocks", 0) - used)
+                return handle, info
+            except ray.exceptions.RayTaskError as exc:
+                is_full = isinstance(exc.cause, ReservationRefused)
+                refusals.append((is_full, _cause(exc)))
+            except ray.exceptions.RayError as exc:
+                refusals.append((False, f"{handle.replica_id}: {_cause(exc)}"))
+        reasons = "; ".join(r for _, r in refusals)
+        if all(is_full for is_full, _ in refusals):
+            raise BackendError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"no decode replica has KV space for this request: {reasons}")
+        raise BackendError(grpc.StatusCode.UNAVAILABLE, f"no decode replica could take the request: {reasons}")
+
+    def _pick_prefill(self) -> ReplicaHandle:
+        candidates = self._ready("prefill")
+        if not candidates:
+            raise BackendError(grpc.StatusCode.UNAVAILABLE, "no prefill replica is ready")
+        return next(iter(self._policy.order(candidates, self._load)))
+
+    async def generate(self, spec: RequestSpec) -> AsyncIterator[TokenEvent | FinishEvent]:
+        started = time.monotonic()
+        params = spec.params
+        needs_decode = params.max_tokens > 1
+        decode = reservation = None
+        prefill = self._pick_prefill()
+        stream = None
+        finished = False
+        prefill_counted = True
+        self._bump(prefill, +1)
+        try:
+            if needs_decode:
+                decode, reservation = await self._reserve(spec)
+                self._bump(decode, +1)
+            try:
+                result = await prefill.actor.prefill.remote(spec.request_id, spec.prompt_token_ids, params,
+                                                            reservation)
+            except ray.exceptions.RayError as exc:
+                raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                                   f"prefill on {prefill.replica_id} failed: {_cause(exc)}") from None
+            self._bump(prefill, -1)
+            prefill_counted = False
+            prefill_done = time.monotonic()
+            first = result["first_token"]
+            timings = dict(queue_s=result["queue_s"], prefill_s=result["prefill_s"], kv_transfer_s=result["kv_s"],
+                           kv_bytes=result["kv_bytes"], ttft_s=prefill_done - started)
+            replicas = dict(prefill_replica=prefill.replica_id,
+                            decode_replica=decode.replica_id if decode else "")
+            stops_here = self._finishes(first, params)
+            if stops_here == "stop":  # the stop token itself is not part of the output
+                finished = True
+                yield FinishEvent(finish_reason="stop", timings=Timings(**timings), **replicas)
+                return
+            yield TokenEvent([first], timings=Timings(**timings), **replicas)
+            if stops_here or decode is None:
+                finished = True
+                yield FinishEvent(finish_reason="length", timings=Timings(**timings), **replicas)
+                return
+            num_tokens = 1
+            finish_reason = "error"
+            stream = decode.actor.generate.remote(spec.request_id, spec.prompt_token_ids, first)
+            try:
+                async for ref in stream:
+                    item = await ref
+                    if "kv_bytes" in item:
+                        continue
+                    if item["token_ids"]:
+                        num_tokens += len(item["token_ids"])
+                        yield TokenEvent(list(item["token_ids"]))
+                    if item["finish_reason"]:
+                        finish_reason = item["finish_reason"]
+                        break
+            except ray.exceptions.RayError as exc:
+                raise BackendError(grpc.StatusCode.UNAVAILABLE,
+                                   f"decode on {decode.replica_id} failed: {_cause(exc)}") from None
+            if finish_reason == "error":
+                raise BackendError(grpc.StatusCode.INTERNAL, f"decode replica {decode.replica_id} failed a step")
+            finished = True
+            ended = time.monotonic()
+            timings["tpot_s"] = (ended - prefill_done) / max(1, num_tokens - 1)
+            yield FinishEvent(finish_reason=finish_reason, timings=Timings(**timings), **replicas)
+        finally:
+            if decode is not None:
+                self._bump(decode, -1)
+                if not finished:
+                    decode.actor.abort.remote(spec.request_id)  # frees its blocks; fire and forget
+            if stream is not None and not finished:
+                ray.cancel(stream)
+            if prefill_counted:
+                self._bump(prefill, -1)
+                prefill.actor.cancel.remote(spec.request_id)
+
+    def _finishes(self, token: int, params) -> str | None:
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self._model_info.eos_token_ids):
+            return "stop"
+        if params.max_tokens <= 1:
+            return "length"
+        return None
+
+    def _bump(self, handle: ReplicaHandle, delta: int) -> None:
+        self._inflight[handle.replica_id] = max(0, self._inflight.get(handle.replica_id, 0) + delta)
+
+    async def status(self) -> dict:
+        config = self.deployment.config
+        result = {"model": config.model.name, "prefill": [], "decode": []}
+        for tier in ("prefill", "decode"):
+            section = config.prefill if tier == "prefill" else config.decode
+            handles = self.deployment.replicas(tier)
+            stats = await asyncio.gather(*(_stats(h) for h in handles))
+            for handle, stat in zip(handles, stats):
+                state = handle.state if stat is not None else "dead"
+                stat = stat or {}
+                if tier == "decode" and stat:
+                    handle.info["num_free_blocks"] = stat.get("num_free_blocks", 0)
+                result[tier].append({
+                    "id": handle.replica_id,
+                    "state": state,
+                    "node": handle.node_ip,
+                    "accelerator": str(section.resources.get("accelerator_type") or
+                                       ("GPU" if section.resources.get("num_gpus") else "CPU")),
+                    "mesh": {"tp": section.mesh.tp, "cp": section.mesh.cp, "pp": section.mesh.pp,
+                             "ep": section.mesh.ep},
+                    "load": {"num_queued": int(stat.get("num_queued", stat.get("num_waiting_kv", 0))),
+                             "num_running": int(stat.get("num_running", 0))},
+                    "kv_blocks": {"num_free": int(stat.get("num_free_blocks", 0)),
+                                  "num_total": int(stat.get("num_total_blocks", 0))},
+                })
+        return result
+
+
+async def _stats(handle: ReplicaHandle, timeout_s: float = 5.0) -> dict | None:
+    try:
+        return await asyncio.wait_for(handle.actor.get_stats.remote(), timeout_s)
+    except Exception:
+        return None
+
+
+def _cause(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else str(exc).splitlines()[0]

@@ -1,0 +1,199 @@
+"""Deploying the two tiers on Ray: one placement group per replica (its ranks packed together), one actor per rank.
+
+Who calls it: `pdcluster serve` / `demo` (through orchestrator/serve.py) and tests. `Deployment.start(config)`
+connects to Ray (or starts a local instance), makes sure the model directory exists, places and starts every
+replica, and returns once all of them answer; a replica that cannot be placed fails with an error naming the
+resource that is missing instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.config import ClusterConfig, TierSection
+
+log = logging.getLogger("pdcluster.deploy")
+
+PLACEMENT_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 300.0
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not be brought up; the message says which replica and why."""
+
+
+@dataclass
+class ReplicaHandle:
+    replica_id: str
+    tier: str
+    actor: "ray.actor.ActorHandle"
+    placement_group: PlacementGroup
+    info: dict = field(default_factory=dict)  # what start() returned (kv address, block counts, ...)
+    node_ip: str = ""
+    state: str = "starting"
+
+
+def ensure_model(config: ClusterConfig, *, out=sys.stderr) -> None:
+    """Create the model directory from its preset when it is missing (the embedded default does this)."""
+    path = Path(config.model.path)
+    if (path / "config.json").exists():
+        return
+    if not config.model.preset:
+        raise DeploymentError(f"model.path {path} has no config.json, and no model.preset is set to create it")
+    from mesh.presets import make_model
+
+    print(f"pdcluster: creating model {config.model.preset!r} at {path} (seeded random weights) ...", file=out,
+          flush=True)
+    make_model(path, preset=config.model.preset)
+
+
+def _bundle(resources: dict) -> dict:
+    bundle = {"CPU": float(resources.get("num_cpus", 0.5))}
+    if resources.get("num_gpus"):
+        bundle["GPU"] = float(resources["num_gpus"])
+    if resources.get("memory"):
+        bundle["memory"] = float(resources["memory"])
+    if resources.get("accelerator_type"):
+        bundle[f"accelerator_type:{resources['accelerator_type']}"] = 0.001
+    bundle.update({k: float(v) for k, v in resources.get("custom", {}).items()})
+    return bundle
+
+
+def _cpus_needed(config: ClusterConfig) -> float:
+    return sum(t.replicas * t.mesh.world_size * float(t.resources.get("num_cpus", 0.5)) for t in config.tiers())
+
+
+def connect_ray(config: ClusterConfig) -> None:
+    """Join the cluster named in ray.address, or start a local instance sized for the tiers."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [_project_root(), os.environ.get("PYTHONPATH")]
+                                                      if p)}}
+    if config.ray.address:
+        ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
+        return
+    num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(_cpus_needed(config)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+             configure_logging=False)
+
+
+def _project_root() -> str:
+    # Lets rank actors import pdcluster from a source checkout as well as from an installed wheel.
+    return str(Path(__file__).resolve().parent.parent)
+
+
+class Deployment:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.token = secrets.token_hex(16)  # KV-transfer peers must present it in their handshake
+        self.prefill: list[ReplicaHandle] = []
+        self.decode: list[ReplicaHandle] = []
+        self._counters = {"prefill": 0, "decode": 0}
+
+    @classmethod
+    def start(cls, config: ClusterConfig, *, out=sys.stderr) -> "Deployment":
+        ensure_model(config, out=out)
+        connect_ray(config)
+        deployment = cls(config)
+        try:
+            deployment._add_replicas(config.decode, config.decode.replicas, out)
+            deployment._add_replicas(config.prefill, config.prefill.replicas, out)
+        except BaseException:
+            deployment.shutdown()
+            raise
+        return deployment
+
+    def replicas(self, tier: str) -> list[ReplicaHandle]:
+        return self.prefill if tier == "prefill" else self.decode
+
+    def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
+        handles = [self._place(tier) for _ in range(count)]
+        for handle in handles:
+            self.replicas(tier.name).append(handle)
+        refs = {h.replica_id: self._start_actor(tier, h) for h in handles}
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for handle in handles:
+            try:
+                handle.info = ray.get(refs[handle.replica_id], timeout=max(1.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                raise DeploymentError(f"{handle.replica_id} did not start within {START_TIMEOUT_S:.0f} s") from None
+            except ray.exceptions.RayActorError as exc:
+                raise DeploymentError(f"{handle.replica_id} failed to start: {exc}") from None
+            handle.state = "ready"
+            handle.node_ip = handle.info.get("node_ip", "")
+            print(f"pdcluster: {handle.replica_id} ready", file=out, flush=True)
+        return handles
+
+    def _place(self, tier: TierSection) -> ReplicaHandle:
+        index = self._counters[tier.name]
+        self._counters[tier.name] += 1
+        replica_id = f"{tier.name}-{index}"
+        bundle = _bundle(tier.resources)
+        pg = placement_group([dict(bundle) for _ in range(tier.mesh.world_size)], strategy="PACK",
+                             name=f"pdcluster-{replica_id}-{self.token[:6]}")
+        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(pg)
+            available = ray.available_resources()
+            missing = [f"{k} (needs {v:g} per rank x {tier.mesh.world_size}, cluster has {available.get(k, 0):g} free)"
+                       for k, v in bundle.items() if available.get(k, 0) < v * tier.mesh.world_size]
+            raise DeploymentError(
+                f"cannot place {replica_id}: no node offers {tier.name}.resources "
+                f"{tier.resources} within {PLACEMENT_TIMEOUT_S:.0f} s; missing: "
+                f"{', '.join(missing) or 'resources are busy with other work'}")
+        return ReplicaHandle(replica_id=replica_id, tier=tier.name, actor=None, placement_group=pg)
+
+    def _start_actor(self, tier: TierSection, handle: ReplicaHandle):
+        cfg = self.config
+        strategy = PlacementGroupSchedulingStrategy(placement_group=handle.placement_group,
+                                                    placement_group_bundle_index=0)
+        num_cpus = float(tier.resources.get("num_cpus", 0.5))
+        options = dict(num_cpus=num_cpus, num_gpus=float(tier.resources.get("num_gpus", 0) or 0),
+                       scheduling_strategy=strategy, max_concurrency=1000, name=handle.replica_id + "-" +
+                       self.token[:6], max_restarts=0)
+        threads = max(1, math.floor(num_cpus))
+        if tier.name == "decode":
+            from decode_tier.replica import DecodeReplica
+
+            actor_cls = ray.remote(DecodeReplica)
+            handle.actor = actor_cls.options(**options).remote(
+                replica_id=handle.replica_id, model_path=cfg.model.path, dtype=cfg.model.dtype,
+                num_kv_blocks=tier.num_kv_blocks, block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
+                kv_backend=cfg.kv_transfer.backend, kv_token=self.token, lease_s=cfg.kv_transfer.lease_s,
+                num_threads=threads, checksum=cfg.kv_transfer.checksum)
+            return handle.actor.start.remote()
+        from prefill_tier.replica import PrefillReplica
+
+        actor_cls = ray.remote(PrefillReplica)
+        handle.actor = actor_cls.options(**options).remote(
+            replica_id=handle.replica_id, model_path=cfg.model.path, dtype=cfg.model.dtype,
+            max_batch_tokens=tier.max_batch_tokens, max_batch_seqs=tier.max_batch_seqs,
+            kv_backend=cfg.kv_transfer.backend, kv_token=self.token, layerwise=cfg.kv_transfer.layerwise,
+            num_threads=threads)
+        return handle.actor.start.remote()
+
+    def shutdown(self) -> None:
+        """Kill every actor and free its placement group. Safe to call twice."""
+        for handle in self.prefill + self.decode:
+            try:
+                if handle.actor is not None:
+                    ray.kill(handle.actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+            try:
+                remove_placement_group(handle.placement_group)
+            except Exception:
+                pass
+        self.prefill, self.decode = [], []
+

@@ -1,0 +1,167 @@
+"""DecodeEngine: continuous batching of decode steps over a paged KV cache, for one decode replica rank.
+
+Who calls it: the decode replica actor (decode_tier/replica.py). From its event loop thread it calls reserve()
+(router asks for KV space), admit() (every layer of the prompt's KV has landed in the blocks), abort() (cancel,
+deadline, lease expiry) and reads the counters; from one worker thread it calls step() in a loop while
+has_work(). The transport writes each request's prompt KV straight into `kv_cache` at the block ids reserve()
+returned.
+
+One step is schedule() -> run() -> postprocess(). The lock guards the scheduler's state around schedule and
+postprocess only, never around the forward, so reserve/admit/abort stay responsive while a step computes; a
+sequence aborted mid-step keeps its blocks until that step's postprocess (the forward still writes its new K/V)
+and its output is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence as SequenceOf
+
+import torch
+
+from decode_tier.block_pool import OutOfBlocks
+from decode_tier.scheduler import (
+    DecodePlan,
+    DecodeScheduler,
+    FinishReason,
+    SchedulerConfig,
+    StepOutput,
+)
+from mesh.kv_cache import allocate_kv_cache
+from mesh.model import AttentionBatch, CausalLM
+from mesh.sampling import SamplingParams, sample
+
+__all__ = ["DecodeEngine", "FinishReason", "OutOfBlocks", "StepOutput"]
+
+
+class DecodeEngine:
+    """Owns one rank's KV cache (allocated once), the block pool and the running batch.
+
+    Memory: reserve() takes ceil((prompt + max_tokens) / block_size) blocks up front (capped at the model's
+    context), so a running sequence never runs out of room and nothing is ever preempted; the cost is that blocks
+    for tokens an early stop never produces sit idle, so fewer sequences fit than with on-demand growth.
+    Batching: FCFS by admission; a step runs the oldest max_num_seqs running sequences and the rest wait.
+    """
+
+    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.scheduler = DecodeScheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_model_len=model.config.max_position_embeddings,
+                eos_token_ids=tuple(model.config.eos_token_ids),
+            )
+        )
+        # One tensor per layer: [num_blocks, 2, block_size, num_kv_heads_local, head_dim].
+        self.kv_cache: list[torch.Tensor] = allocate_kv_cache(model, num_blocks=num_blocks, block_size=block_size)
+        self.device = self.kv_cache[0].device
+        # Step inputs live in fixed buffers; a step only fills a prefix of them.
+        self._input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
+        self._positions = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
+        self._logits_indices = torch.arange(max_num_seqs, dtype=torch.long, device=self.device)
+        self._query_lens = [1] * max_num_seqs
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()  # one step at a time, whoever calls it
+
+    # ----- event loop side: router and transport -----
+
+    def reserve(self, request_id: str, num_prompt_tokens: int, params: SamplingParams) -> list[int]:
+        """Take the blocks for the prompt plus max_tokens; returns the block table the prompt KV must be written
+        into (token p -> block table[p // block_size], row p % block_size). The request is WAITING_KV until
+        admit(). Raises OutOfBlocks (nothing taken; the message gives requested vs free) or ValueError (request_id
+        already held, prompt longer than the model's context, max_tokens < 1)."""
+        with self._lock:
+            return self.scheduler.reserve(request_id, num_prompt_tokens, params)
+
+    def admit(self, request_id: str, prompt_token_ids: SequenceOf[int], first_token: int) -> StepOutput | None:
+        """Every layer of the prompt's KV is in the reserved blocks; the request joins the running batch and its
+        next step feeds first_token (the prefill tier's sample, output index 0) at position len(prompt).
+
+        Returns None normally. If first_token already finishes the request (stop or eos token, max_tokens == 1,
+        context full), the request never joins: its blocks are freed and a StepOutput(request_id, first_token,
+        finish_reason) is returned for the caller's final message (first_token itself was streamed by the
+        prefill path already). KeyError if the request is not held (aborted, expired), ValueError if admitted
+        twice or the prompt length differs from the reservation."""
+        with self._lock:
+            return self.scheduler.admit(request_id, prompt_token_ids, first_token)
+
+    def abort(self, request_id: str) -> bool:
+        """Free the request's blocks whatever its state; False if it is not held (idempotent). Safe while a step
+        runs: a sequence inside that step has its output dropped and its blocks freed when the step ends."""
+        with self._lock:
+            return self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return self.scheduler.has_work()
+
+    @property
+    def num_free_blocks(self) -> int:
+        with self._lock:
+            return self.scheduler.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.scheduler.pool.num_total
+
+    @property
+    def num_running(self) -> int:
+        with self._lock:
+            return self.scheduler.num_running
+
+    @property
+    def num_waiting_kv(self) -> int:
+        with self._lock:
+            return self.scheduler.num_waiting_kv
+
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return self.scheduler.request_ids()
+
+    # ----- worker thread side: the step -----
+
+    def step(self) -> list[StepOutput]:
+        """One decode step over up to max_num_seqs running sequences; one StepOutput per scheduled sequence not
+        aborted meanwhile ([] when nothing runs). Finished sequences have freed their blocks on return."""
+        with self._step_lock:
+            plan = self.schedule()
+            if plan is None:
+                return []
+            try:
+                sampled_token_ids = self.run(plan)
+            except BaseException:
+                with self._lock:
+                    self.scheduler.cancel_step(plan)
+                raise
+            return self.postprocess(plan, sampled_token_ids)
+
+    def schedule(self) -> DecodePlan | None:
+        with self._lock:
+            return self.scheduler.schedule()
+
+    @torch.inference_mode()
+    def run(self, plan: DecodePlan) -> list[int]:
+        """The batched forward (query length 1 per sequence; the model writes each new token's K/V into its
+        block) and the sampling. Reads only the plan and the cache, so it runs without the lock."""
+        num_seqs = len(plan)
+        input_ids = self._input_ids[:num_seqs]
+        positions = self._positions[:num_seqs]
+        input_ids.copy_(torch.tensor(plan.input_token_ids, dtype=torch.long), non_blocking=True)
+        positions.copy_(torch.tensor(plan.positions, dtype=torch.long), non_blocking=True)
+        batch = AttentionBatch(
+            query_lens=self._query_lens[:num_seqs],
+            context_lens=list(plan.context_lens),
+            block_tables=[list(table) for table in plan.block_tables],
+            logits_indices=self._logits_indices[:num_seqs],
+        )
+        logits = self.model(input_ids, positions, batch, self.kv_cache)
+        sampled = sample(logits, list(plan.params), list(plan.output_indices))
+        return sampled.tolist()
+
+    def postprocess(self, plan: DecodePlan, sampled_token_ids: SequenceOf[int]) -> list[StepOutput]:
+        with self._lock:
+            return self.scheduler.postprocess(plan, sampled_token_ids)

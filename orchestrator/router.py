@@ -117,11 +117,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
         self._inflight_request_ids.add(request_id)
         try:
-            await self._serve(request_id, parsed, context, _RequestTrace(arrival_time))
+            spec = await self._make_spec(request_id, parsed, context)
+            await self._relay(spec, context, _RequestTrace(arrival_time))
         finally:
             self._inflight_request_ids.discard(request_id)
 
-    async def _serve(self, request_id: str, parsed: ParsedRequest, context, trace: _RequestTrace) -> None:
+    async def _make_spec(self, request_id: str, parsed: ParsedRequest, context) -> RequestSpec:
+        """Tokenize and finish validation (the checks that need the prompt's length)."""
         model_info = self._backend.model_info
         if parsed.prompt is not None:
             try:
@@ -138,7 +140,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except RequestValidationError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         time_remaining = context.time_remaining()
-        spec = RequestSpec(
+        return RequestSpec(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
@@ -146,8 +148,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             deadline=None if time_remaining is None else time.time() + time_remaining,
         )
 
-        decoder = IncrementalDecoder(self._tokenizer, prompt_token_ids)  # the prompt is decoding context only
-        stop_matcher = StopStringMatcher(parsed.stop)
+    async def _relay(self, spec: RequestSpec, context, trace: _RequestTrace) -> None:
+        """Stream the backend's events to the client as text; end with the final message."""
+        decoder = IncrementalDecoder(self._tokenizer, spec.prompt_token_ids)  # the prompt is decoding context only
+        stop_matcher = StopStringMatcher(spec.stop)
         finish_reason = None
         stream = self._backend.generate(spec)
         try:
@@ -155,7 +159,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 if isinstance(event, TokenEvent):
                     trace.on_tokens(event)
                     text = stop_matcher.push(decoder.push(event.token_ids))
-                    await context.write(generation_pb2.GenerateResponse(request_id=request_id, token_ids=event.token_ids, text=text))
+                    await context.write(
+                        generation_pb2.GenerateResponse(request_id=spec.request_id, token_ids=event.token_ids, text=text)
+                    )
                     if stop_matcher.is_stopped:
                         finish_reason = "stop"
                         break
@@ -168,14 +174,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             else:
                 raise RuntimeError("backend stream ended without a FinishEvent")
         except BackendError as error:
-            logger.info("request %s: backend error %s: %s", request_id, error.code.name, error.message)
+            logger.info("request %s: backend error %s: %s", spec.request_id, error.code.name, error.message)
             await context.abort(error.code, error.message)
         except Exception as error:
-            logger.exception("request %s: failed while generating", request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {request_id} failed: {type(error).__name__}: {error}")
+            logger.exception("request %s: failed while generating", spec.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {spec.request_id} failed: {type(error).__name__}: {error}")
         finally:
-            # Before the final message goes out: whoever reads it may count on the request being cancelled.
-            await stream.aclose()
+            # Cancels the request downstream unless it finished. Before the final message goes out, so that a
+            # client reading it can count on the backend having let go of the request.
+            await _close_stream(stream)
 
         tail_text = ""
         if not stop_matcher.is_stopped:  # the backend finished: release held-back text (a stop string may still match)
@@ -185,14 +192,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             else:
                 tail_text += stop_matcher.flush()
         logger.debug(
-            "request %s: finish=%s prompt=%d completion=%d backend_ttft=%.1fms",
-            request_id, finish_reason, len(prompt_token_ids), trace.num_completion_tokens, trace.backend_timings.ttft_s * 1e3,
+            "request %s: finish=%s prompt=%d completion=%d backend_ttft=%.1fms", spec.request_id, finish_reason,
+            len(spec.prompt_token_ids), trace.num_completion_tokens, trace.backend_timings.ttft_s * 1e3,
         )
         await context.write(generation_pb2.GenerateResponse(
-            request_id=request_id,
+            request_id=spec.request_id,
             text=tail_text,
             finish_reason=_FINISH_REASON_ENUM[finish_reason],
-            usage=generation_pb2.Usage(prompt_tokens=len(prompt_token_ids), completion_tokens=trace.num_completion_tokens),
+            usage=generation_pb2.Usage(prompt_tokens=len(spec.prompt_token_ids), completion_tokens=trace.num_completion_tokens),
             timings=trace.timings_proto(),
             prefill_replica=trace.prefill_replica,
             decode_replica=trace.decode_replica,
@@ -209,6 +216,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except StatusFormatError as error:
             logger.error("backend status has the wrong shape: %s", error)
             await context.abort(grpc.StatusCode.INTERNAL, f"backend status has the wrong shape: {error}")
+
+
+async def _close_stream(stream) -> None:
+    aclose = getattr(stream, "aclose", None)  # async generators have it; a bare AsyncIterator may not
+    if aclose is not None:
+        await aclose()
 
 
 class RouterServer:
@@ -254,6 +267,14 @@ class RouterServer:
         self._server, self._health, self.port = server, health_servicer, port
         logger.info("router serving %s on port %d", SERVICE_NAME, port)
         return port
+
+    async def set_serving(self, is_serving: bool) -> None:
+        """Health status of the whole server and of Generation, e.g. NOT_SERVING while no replica is ready."""
+        if self._health is None:
+            raise RuntimeError("RouterServer.set_serving() before start()")
+        status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
 
     async def stop(self, grace_s: float | None) -> None:
         """Health turns NOT_SERVING, new calls are refused, calls in flight get grace_s to finish."""

@@ -6,6 +6,7 @@ The test thread stays free to use the blocking Client; `RunningRouter.call` runs
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 
@@ -19,28 +20,38 @@ def byte_tokenizer() -> ByteTokenizer:
 
 
 class RunningRouter:
-    def __init__(self, backend: FakeBackend | None = None, *, max_inflight: int = 8,
+    def __init__(self, backend: FakeBackend | None = None, *, port: int = 0, max_inflight: int = 8,
                  max_message_bytes: int = 64 * 1024, max_prompt_tokens: int | None = None) -> None:
         self.backend = backend or FakeBackend()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-router", daemon=True)
         self._thread.start()
-        self.server = build_server(self.backend, byte_tokenizer(), host="127.0.0.1", port=0,
+        self.server = build_server(self.backend, byte_tokenizer(), host="127.0.0.1", port=port,
                                    max_inflight=max_inflight, max_message_bytes=max_message_bytes,
                                    max_prompt_tokens=max_prompt_tokens)
-        self.port = self.call(self.server.start())
+        try:
+            self.port = self.call(self.server.start())
+        except BaseException:
+            self._stop_loop()
+            raise
         self.address = f"127.0.0.1:{self.port}"
 
     def call(self, coro, timeout_s: float = 10.0):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+        return self.submit(coro).result(timeout_s)
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def close(self) -> None:
         try:
             self.call(self.server.stop(0))
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
 
     def __enter__(self) -> RunningRouter:
         return self

@@ -1,0 +1,126 @@
+"""Next-token selection from logits, per request.
+
+Who calls it: the prefill tier (first token) and the decode engine (every step), with the float32 logits of
+`CausalLM.forward`. It promises: temperature 0 is argmax; otherwise temperature, then top-k, then top-p (the
+smallest set of most likely tokens whose mass reaches top_p) and a draw. A seeded request's draw depends only on
+its own logits and (seed, output_index), never on which other requests share the batch, so any replica (prefill for
+the first token, decode later, a retry elsewhere) reproduces the same stream on the same kind of device.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+# Spreads (seed, output_index) over the generator's seed space; a prime so nearby seeds do not collide.
+_SEED_STRIDE = 1_000_003
+_SEED_MODULUS = 2 ** 63
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if (not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool)
+                or not math.isfinite(self.temperature) or self.temperature < 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if (not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool)
+                or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        stop = self.stop_token_ids
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(t, int) and t >= 0 for t in stop):
+            raise ValueError(f"stop_token_ids must be a tuple of token ids >= 0, got {stop!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(stop))  # accept a list, store a hashable tuple
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: list[int]) -> torch.Tensor:
+    """logits: [B, V]; `output_index[i]`: tokens request i produced before this one. Returns LongTensor[B]."""
+    if logits.dim() != 2:
+        raise ValueError(f"sample: logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if not len(params) == len(output_index) == logits.shape[0]:
+        raise ValueError(f"sample: {logits.shape[0]} logit rows, {len(params)} params, "
+                         f"{len(output_index)} output indices; they must match")
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if not sampled_rows:
+        return tokens
+    row_index = torch.tensor(sampled_rows, device=logits.device)
+    rows = logits[row_index]
+    probs = _filtered_probs(rows, [params[i] for i in sampled_rows])
+    noise = _exponential_noise(rows.shape, [params[i] for i in sampled_rows],
+                               [output_index[i] for i in sampled_rows], logits.device)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) picks token t with probability p_t, and each row's draw
+    # uses only that row's noise, so batch composition never changes it.
+    tokens[row_index] = (probs / noise).argmax(dim=-1)
+    return tokens
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p applied row-wise; returns probabilities with filtered tokens at 0."""
+    device = logits.device
+    # Below 1e-5 the distribution is a point mass anyway; the floor keeps logits / temperature finite.
+    temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
+    logits = logits / temperature[:, None]
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab_size, device=device)[None, :]
+    top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # Keep a token while the mass of the tokens before it is still short of top_p (the first is always kept).
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=sorted_probs.dtype)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+    return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
+
+
+_unseeded_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _unseeded_generator(device: torch.device) -> torch.Generator:
+    """A per-device generator seeded from the OS, so requests without a seed really differ between runs."""
+    if device not in _unseeded_generators:
+        _unseeded_generators[device] = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    return _unseeded_generators[device]
+
+
+def request_seed(seed: int, output_index: int) -> int:
+    """The generator seed for one draw of a seeded request."""
+    return (seed * _SEED_STRIDE + output_index) % _SEED_MODULUS
+
+
+def _exponential_noise(shape: torch.Size, params: list[SamplingParams], output_index: list[int],
+                       device: torch.device) -> torch.Tensor:
+    noise = torch.empty(shape, device=device)
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    if unseeded:
+        block = torch.empty((len(unseeded), shape[1]), device=device)
+        block.exponential_(generator=_unseeded_generator(device))
+        noise[torch.tensor(unseeded, device=device)] = block
+    for i, p in enumerate(params):
+        if p.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(request_seed(p.seed, output_index[i]))
+            noise[i].exponential_(generator=generator)
+    # exponential_ can return exactly 0 in float32; keep the division finite.
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

@@ -203,9 +203,27 @@ class Client:
         self._channel = grpc.insecure_channel(address)
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
-    def generate(self, prompt: str | None = None, **options) -> Iterator[Chunk]:
-        """Streams Chunks; options as in `build_request`. Stopping the iteration early cancels the request."""
-        return self._generate(build_request(prompt, **options))
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Streams Chunks. Exactly one of prompt and token_ids; max_tokens None lets the router choose.
+        Stopping the iteration early (break, then close() or garbage collection) cancels the request."""
+        return self._generate(build_request(
+            prompt, token_ids=token_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+        ))
 
     def generate_text(self, prompt: str | None = None, **options) -> str:
         return "".join(chunk.text for chunk in self.generate(prompt, **options))
@@ -293,8 +311,26 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None  # made on first use, inside the caller's event loop
         self._stub: generation_pb2_grpc.GenerationStub | None = None
 
-    async def generate(self, prompt: str | None = None, **options) -> AsyncIterator[Chunk]:
-        request = build_request(prompt, **options)
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        token_ids: Sequence[int] | None = None,
+        max_tokens: int | None = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """As Client.generate."""
+        request = build_request(
+            prompt, token_ids=token_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=seed, stop=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+        )
         deadline = _Deadline(self.timeout)
         for attempt in range(self.retries + 1):
             call = self._get_stub().Generate(request, timeout=deadline.remaining())

@@ -216,6 +216,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except StatusFormatError as error:
             logger.error("backend status has the wrong shape: %s", error)
             await context.abort(grpc.StatusCode.INTERNAL, f"backend status has the wrong shape: {error}")
+        except Exception as error:
+            logger.exception("backend status failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"backend status failed: {type(error).__name__}: {error}")
 
 
 async def _close_stream(stream) -> None:

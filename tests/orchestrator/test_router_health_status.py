@@ -83,6 +83,7 @@ class _BrokenStatusBackend(FakeBackend):
          "status.prefill[0].state: unknown replica state 'asleep'"),
         (BackendError(grpc.StatusCode.UNAVAILABLE, "deployment is restarting"), grpc.StatusCode.UNAVAILABLE,
          "deployment is restarting"),
+        (KeyError("replica-7"), grpc.StatusCode.INTERNAL, "backend status failed: KeyError"),
     ],
 )
 def test_status_failures_have_clear_codes(status, code, words):

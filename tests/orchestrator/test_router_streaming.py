@@ -171,3 +171,10 @@ def test_unexpected_exception_is_internal_and_logged_with_traceback(caplog):
     assert "RuntimeError: kaboom" in caught.value.message
     records = [record for record in caplog.records if "boom" in record.getMessage()]
     assert records and records[0].exc_info is not None and records[0].exc_info[0] is RuntimeError
+
+
+def test_text_never_splits_a_character(client):
+    # "é" is two bytes (two tokens for the byte tokenizer); the echo stream ends on half of it.
+    chunks = list(client.generate("é", max_tokens=3))
+    assert [chunk.token_ids for chunk in chunks[:-1]] == [[0xC3], [0xA9], [0xC3]]
+    assert [chunk.text for chunk in chunks] == ["", "é", "", "\ufffd"]  # the dangling byte is flushed at the end

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.client import Client, PdclusterError
 from orchestrator.serve import RunningCluster
 
-from .conftest import cluster_config, hf_greedy, make_model_dir
+from e2e_helpers import cluster_config, hf_greedy, make_model_dir
 
 pytestmark = pytest.mark.slow
 

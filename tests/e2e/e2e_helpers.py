@@ -1,0 +1,52 @@
+"""Helpers for end-to-end tests (cluster configs, model directories, the transformers oracle)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from orchestrator.config import load_config
+
+
+def cluster_config(model_dir, **tier_overrides):
+    """The embedded default cluster, pointed at `model_dir`, router on a free port, small KV pool."""
+    config = load_config()  # the embedded default: what `pdcluster serve` runs
+    decode = dataclasses.replace(config.decode, num_kv_blocks=tier_overrides.pop("num_kv_blocks", 64),
+                                 block_size=tier_overrides.pop("block_size", 8))
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, path=str(model_dir), preset=None, name=model_dir.name),
+        router=dataclasses.replace(config.router, port=0, **tier_overrides.pop("router", {})),
+        decode=decode,
+        kv_transfer=dataclasses.replace(config.kv_transfer, **tier_overrides.pop("kv_transfer", {})),
+    )
+
+
+def make_model_dir(tmp_path_factory, preset: str):
+    from mesh.presets import make_model
+
+    path = tmp_path_factory.mktemp(preset) / preset
+    make_model(path, preset=preset, seed=0)
+    return path
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Hugging Face transformers' own generate on the same weights (float32, CPU): the correctness oracle.
+    Returns the new tokens of each prompt, cut before the first end-of-sequence token (which pdcluster does not
+    stream)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        new = out[0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in eos), len(new))
+        outputs.append(new[:cut])
+    return outputs

@@ -56,14 +56,21 @@ class AttentionBatch:
 
 @dataclass
 class StepPlan:
-    """Index tensors derived once per forward from an AttentionBatch and shared by every layer."""
+    """Index tensors derived once per forward from an AttentionBatch and shared by every layer (so the per-layer
+    attention does no host-to-device copies)."""
 
     batch: AttentionBatch
     starts: list[int]  # packed row where each sequence's new tokens begin
-    slot_blocks: torch.Tensor | None  # [T] cache block of each new token (None without a cache)
-    slot_rows: torch.Tensor | None  # [T] row inside that block
-    block_size: int
-    is_pure_decode: bool  # every sequence adds exactly one token to a cache: the batched path applies
+    slot_blocks: torch.Tensor | None = None  # [T] cache block of each new token (None without a cache)
+    slot_rows: torch.Tensor | None = None  # [T] row inside that block
+    # Sequences with cached context: their blocks [ceil((context + new) / block_size)] and causal mask
+    # [new, context + new] (None for fresh sequences, which attend to the step's own rows).
+    context_blocks: list[torch.Tensor | None] | None = None
+    context_masks: list[torch.Tensor | None] | None = None
+    # Pure decode (every sequence adds one token to a cache): padded block tables [B, max_blocks] and the key
+    # mask [B, max_blocks * block_size]; the batched path runs one SDPA for the whole batch.
+    decode_tables: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
 
     @classmethod
     def build(cls, batch: AttentionBatch, kv_cache: list[torch.Tensor] | None, device: torch.device) -> StepPlan:
@@ -71,12 +78,11 @@ class StepPlan:
         for n in batch.query_lens[:-1]:
             starts.append(starts[-1] + n)
         if batch.block_tables is None:
-            return cls(batch, starts, None, None, 0, False)
+            return cls(batch, starts)
         if not kv_cache:
             raise ValueError("forward: batch.block_tables is set but kv_cache is None")
-        block_size = kv_cache[0].shape[2]
-        num_blocks = kv_cache[0].shape[0]
-        blocks, rows = [], []
+        num_blocks, _, block_size = kv_cache[0].shape[:3]
+        tables: list[list[int]] = []
         for i, (table, context, new) in enumerate(zip(batch.block_tables, batch.context_lens, batch.query_lens)):
             needed = -(-(context + new) // block_size)
             if len(table) < needed:
@@ -86,13 +92,34 @@ class StepPlan:
                 )
             if any(not 0 <= b < num_blocks for b in table[:needed]):
                 raise ValueError(f"AttentionBatch.block_tables[{i}]: block id outside 0..{num_blocks - 1}")
+            tables.append(list(table[:needed]))
+        plan = cls(batch, starts)
+        blocks, rows = [], []
+        for table, context, new in zip(tables, batch.context_lens, batch.query_lens):
             token_positions = torch.arange(context, context + new)
-            table_tensor = torch.tensor(table[:needed], dtype=torch.long)
-            blocks.append(table_tensor[token_positions // block_size])
+            blocks.append(torch.tensor(table, dtype=torch.long)[token_positions // block_size])
             rows.append(token_positions % block_size)
-        is_pure_decode = all(n == 1 for n in batch.query_lens)
-        return cls(batch, starts, torch.cat(blocks).to(device), torch.cat(rows).to(device), block_size,
-                   is_pure_decode)
+        plan.slot_blocks = torch.cat(blocks).to(device)
+        plan.slot_rows = torch.cat(rows).to(device)
+        if all(n == 1 for n in batch.query_lens):
+            max_blocks = max(len(table) for table in tables)
+            # Pad short tables with block 0: those keys are masked out.
+            padded = [table + [0] * (max_blocks - len(table)) for table in tables]
+            plan.decode_tables = torch.tensor(padded, dtype=torch.long).to(device)
+            lengths = torch.tensor(batch.context_lens) + 1
+            plan.decode_mask = (torch.arange(max_blocks * block_size)[None, :] < lengths[:, None]).to(device)
+            return plan
+        plan.context_blocks, plan.context_masks = [], []
+        for table, context, new in zip(tables, batch.context_lens, batch.query_lens):
+            if context == 0:
+                plan.context_blocks.append(None)
+                plan.context_masks.append(None)
+                continue
+            # Query j of this step sits at position context + j and sees keys 0..context + j.
+            mask = torch.arange(context + new)[None, :] <= torch.arange(context, context + new)[:, None]
+            plan.context_blocks.append(torch.tensor(table, dtype=torch.long).to(device))
+            plan.context_masks.append(mask.to(device))
+        return plan
 
 
 def write_kv(cache: torch.Tensor, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -111,23 +138,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, ca
     """q: [T, heads, D]; k, v: [T, kv_heads, D] for the step's new tokens (already written to `cache` when there
     is one). Returns [T, heads, D]."""
     num_repeats = q.shape[1] // k.shape[1]
-    if plan.slot_blocks is not None and plan.is_pure_decode:
+    if plan.decode_tables is not None:
         return _attend_decode(q, plan, cache, scale, num_repeats)
-    batch = plan.batch
     outputs = []
-    for i, (start, new, context) in enumerate(zip(plan.starts, batch.query_lens, batch.context_lens)):
+    for i, (start, new) in enumerate(zip(plan.starts, plan.batch.query_lens)):
         q_seq = q[start:start + new].transpose(0, 1)  # [heads, new, D]
-        if context == 0:
+        blocks = plan.context_blocks[i] if plan.context_blocks is not None else None
+        if blocks is None:
             # Fresh sequence: its keys are exactly the step's own rows (equal to what was cached).
             k_seq, v_seq = k[start:start + new], v[start:start + new]
             mask, is_causal = None, True
         else:
-            k_seq, v_seq = _gather_sequence(cache, batch.block_tables[i], context + new, plan.block_size)
+            length = plan.context_masks[i].shape[1]
+            k_seq, v_seq = _gather_sequence(cache, blocks, length)
             k_seq, v_seq = k_seq.to(q.dtype), v_seq.to(q.dtype)
-            # Query j of this step sits at position context + j and sees keys 0..context + j.
-            key_positions = torch.arange(context + new, device=q.device)
-            query_positions = torch.arange(context, context + new, device=q.device)
-            mask, is_causal = key_positions[None, :] <= query_positions[:, None], False
+            mask, is_causal = plan.context_masks[i], False
         k_seq = _repeat_kv(k_seq, num_repeats, 1).transpose(0, 1)
         v_seq = _repeat_kv(v_seq, num_repeats, 1).transpose(0, 1)
         out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask, is_causal=is_causal, scale=scale)
@@ -135,13 +160,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, ca
     return torch.cat(outputs, dim=0)
 
 
-def _gather_sequence(cache: torch.Tensor, table: list[int], length: int,
-                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_sequence(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `length` cached K and V rows of one sequence: [length, kv_heads, D] each."""
-    num_blocks = -(-length // block_size)
-    blocks = torch.tensor(table[:num_blocks], dtype=torch.long, device=cache.device)
     kv = cache[blocks]  # [num_blocks, 2, block_size, kv_heads, D]
-    kv_heads, head_dim = kv.shape[-2:]
+    num_blocks, _, block_size, kv_heads, head_dim = kv.shape
     k = kv[:, 0].reshape(num_blocks * block_size, kv_heads, head_dim)[:length]
     v = kv[:, 1].reshape(num_blocks * block_size, kv_heads, head_dim)[:length]
     return k, v
@@ -151,20 +173,13 @@ def _attend_decode(q: torch.Tensor, plan: StepPlan, cache: torch.Tensor, scale: 
                    num_repeats: int) -> torch.Tensor:
     """All sequences add one token: gather every sequence's blocks into one padded batch and run a single SDPA,
     masking the padding (the decode tier's hot loop)."""
-    batch = plan.batch
-    lengths = [c + 1 for c in batch.context_lens]
-    max_blocks = max(-(-n // plan.block_size) for n in lengths)
-    # Pad short tables with block 0: those rows are masked out below.
-    tables = [table[:max_blocks] + [0] * (max_blocks - len(table[:max_blocks])) for table in batch.block_tables]
-    table_tensor = torch.tensor(tables, dtype=torch.long, device=cache.device)
-    kv = cache[table_tensor]  # [B, max_blocks, 2, block_size, kv_heads, D]
-    num_seqs, _, _, block_size, kv_heads, head_dim = kv.shape
+    kv = cache[plan.decode_tables]  # [B, max_blocks, 2, block_size, kv_heads, D]
+    num_seqs, max_blocks, _, block_size, kv_heads, head_dim = kv.shape
     max_len = max_blocks * block_size
     k = kv[:, :, 0].reshape(num_seqs, max_len, kv_heads, head_dim).to(q.dtype)
     v = kv[:, :, 1].reshape(num_seqs, max_len, kv_heads, head_dim).to(q.dtype)
     k = _repeat_kv(k, num_repeats, 2).transpose(1, 2)  # [B, heads, max_len, D]
     v = _repeat_kv(v, num_repeats, 2).transpose(1, 2)
-    length_tensor = torch.tensor(lengths, device=q.device)
-    mask = torch.arange(max_len, device=q.device)[None, :] < length_tensor[:, None]  # [B, max_len]
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    mask = plan.decode_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale)
     return out[:, :, 0, :]

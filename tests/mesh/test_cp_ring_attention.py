@@ -64,7 +64,8 @@ def make_tensors(seed, query_lens, context_lens, num_heads, num_kv_heads, dtype)
     return [t.to(dtype) for t in (q, k, v, cached_k, cached_v)]
 
 
-def check_case(seed: int, cp_size: int, group, rank: int) -> None:
+def check_case(seed: int, cp_size: int, group, rank: int, device: str = "cpu") -> None:
+    """One random batch through both variants on this rank; the gathered result must equal the reference."""
     rng = random.Random(seed)
     query_lens, context_lens, num_heads, num_kv_heads, dtype = random_case(rng, cp_size)
     q, k, v, cached_k, cached_v = make_tensors(seed, query_lens, context_lens, num_heads, num_kv_heads, dtype)
@@ -76,21 +77,22 @@ def check_case(seed: int, cp_size: int, group, rank: int) -> None:
     has_cache = any(context_lens)
     for mode in ("pass-kv", "pass-q"):
         out_local = ring_attention(
-            shard(q, plan, rank), shard(k, plan, rank), shard(v, plan, rank), plan, group, mode=mode,
-            cached_k_local=shard_cache(cached_k, plan, rank) if has_cache else None,
-            cached_v_local=shard_cache(cached_v, plan, rank) if has_cache else None,
+            shard(q, plan, rank).to(device), shard(k, plan, rank).to(device), shard(v, plan, rank).to(device),
+            plan, group, mode=mode,
+            cached_k_local=shard_cache(cached_k, plan, rank).to(device) if has_cache else None,
+            cached_v_local=shard_cache(cached_v, plan, rank).to(device) if has_cache else None,
             cached_positions=plan.cached_positions[rank] if has_cache else None,
         )
         where = f"seed={seed} cp={cp_size} rank={rank} mode={mode} query_lens={query_lens} context_lens={context_lens}"
         assert out_local.dtype == dtype, where
         is_padding = plan.token_indices[rank] < 0
-        assert torch.all(out_local[is_padding] == 0), f"padding rows must be zero: {where}"
+        assert torch.all(out_local.cpu()[is_padding] == 0), f"padding rows must be zero: {where}"
         if group is None:
             gathered = [out_local]
         else:
             gathered = [torch.empty_like(out_local) for _ in range(cp_size)]
             dist.all_gather(gathered, out_local.contiguous(), group=group)
-        full = unshard(gathered, plan).double()
+        full = unshard([g.cpu() for g in gathered], plan).double()
         error = (full - expected).abs().max().item()
         assert error < tolerance, f"max error {error:.3g} >= {tolerance}: {where}"
 

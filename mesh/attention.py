@@ -155,8 +155,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: StepPlan, ca
             mask, is_causal = plan.context_masks[i], False
         k_seq = _repeat_kv(k_seq, num_repeats, 1).transpose(0, 1)
         v_seq = _repeat_kv(v_seq, num_repeats, 1).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q_seq, k_seq, v_seq, attn_mask=mask, is_causal=is_causal, scale=scale)
-        outputs.append(out.transpose(0, 1))
+        # 4-D inputs: the fused (flash / memory-efficient) SDPA kernels on GPU take only [batch, heads, len, dim].
+        out = F.scaled_dot_product_attention(q_seq[None], k_seq[None], v_seq[None], attn_mask=mask,
+                                             is_causal=is_causal, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs, dim=0)
 
 

@@ -78,7 +78,8 @@ class UcxKVServer(KVServer):
         self._matcher: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._peers: dict[int, tuple[object, str]] = {}  # id(endpoint) -> (endpoint, peer name)
-        self._tasks: set[asyncio.Task] = set()  # handshakes, chunk receives, drains
+        self._tasks: set[asyncio.Task] = set()  # chunk receives and drains
+        self._handshakes: set[asyncio.Task] = set()
         self._is_closing = False
         self._holds_runtime = False
 
@@ -136,6 +137,10 @@ class UcxKVServer(KVServer):
             logger.error("%s", error)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self._options.cancel_timeout_s)
+        for handshake in list(self._handshakes):
+            handshake.cancel()
+        if self._handshakes:
+            await asyncio.wait(list(self._handshakes), timeout=self._options.handshake_timeout_s)
         for endpoint, _ in list(self._peers.values()):
             await _close_endpoint(endpoint)
         self._peers.clear()
@@ -149,7 +154,19 @@ class UcxKVServer(KVServer):
     # --- connections -------------------------------------------------------------------------------
 
     async def _on_connect(self, endpoint) -> None:
-        """Listener callback (on our loop): authenticate the peer or drop it."""
+        """Listener callback (ucxx runs it on our loop): authenticate the peer or drop it."""
+        # Tracked so that close() can stop handshakes still under way (they never touch KV memory).
+        task = asyncio.current_task()
+        self._handshakes.add(task)
+        try:
+            await self._handshake(endpoint)
+        finally:
+            self._handshakes.discard(task)
+
+    async def _handshake(self, endpoint) -> None:
+        if self._is_closing:
+            await _close_endpoint(endpoint)
+            return
         try:
             hello = await asyncio.wait_for(endpoint.am_recv(), self._options.handshake_timeout_s)
             token, peer_name = decode_hello(_as_bytes(hello))
@@ -165,7 +182,8 @@ class UcxKVServer(KVServer):
                 await self._linger_until_closed(endpoint)
             except Exception:
                 pass
-            await _close_endpoint(endpoint)
+            finally:
+                await _close_endpoint(endpoint)
             return
         key = id(endpoint)
         self._peers[key] = (endpoint, peer_name)
@@ -306,17 +324,19 @@ class UcxKVClient(KVClient):
             raise AuthenticationError(f"{address} refused the connection: {refusal}")
         loop = asyncio.get_running_loop()
 
+        endpoint_id = id(endpoint)
+
         def on_closed() -> None:  # runs on the UCX progress thread
-            try:
-                loop.call_soon_threadsafe(self._forget_endpoint, address, endpoint)
+            try:  # by id: a queued callback holding the endpoint would keep ucxx from resetting
+                loop.call_soon_threadsafe(self._forget_endpoint, address, endpoint_id)
             except RuntimeError:  # loop already closed
                 pass
 
         endpoint.set_close_callback(on_closed)
         return endpoint
 
-    def _forget_endpoint(self, address: str, endpoint) -> None:
-        if self._endpoints.get(address) is endpoint:
+    def _forget_endpoint(self, address: str, endpoint_id: int) -> None:
+        if id(self._endpoints.get(address)) == endpoint_id:
             del self._endpoints[address]
             logger.info("ucx kv client: connection to %s closed", address)
 
@@ -335,7 +355,7 @@ class UcxKVClient(KVClient):
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            self._forget_endpoint(address, endpoint)
+            self._forget_endpoint(address, id(endpoint))
             raise TransportError(f"sending layer {layer} to {address} failed: {_describe(errors[0])}")
         return sum(nbytes(tensor) for tensor in tensors)
 

@@ -1,0 +1,231 @@
+"""The real UCX transport (ucxx over TCP / shared memory on 127.0.0.1).
+
+The decode side (KVReceiver on a UcxKVServer) runs in the test process; the prefill side runs in separate OS
+processes (kv_ucx_peer) so that peer death is real. One in-process test covers a single loop holding both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+import kv_ucx_peer
+from kv_test_helpers import (
+    SENTINEL,
+    assert_kv_landed,
+    assert_untouched,
+    blocks_needed,
+    make_cache,
+    make_kv,
+    run_bounded,
+    shuffled_block_sets,
+)
+from kv_transfer import KVReceiver, KVSender, TransferAborted, TransportOptions, get_transport
+
+TOKEN = "ucx-test-token"
+NUM_LAYERS = 4
+NUM_BLOCKS = 96
+BLOCK_SIZE = 4
+NUM_HEADS = 2
+HEAD_DIM = 64  # 4 KiB per block: single blocks go eagerly, runs of blocks by rendezvous (UCX_RNDV_THRESH=8192)
+
+
+class Peer:
+    """A prefill process running kv_ucx_peer, spoken to over a pipe."""
+
+    def __init__(self, token: str = TOKEN):
+        context = multiprocessing.get_context("spawn")
+        self._connection, child_end = context.Pipe()
+        self.process = context.Process(target=kv_ucx_peer.main, args=(child_end, token), daemon=True)
+        self.process.start()
+        child_end.close()
+
+    async def call(self, command, timeout_s: float = 30.0):
+        self._connection.send(command)
+        loop = asyncio.get_running_loop()
+        # Poll in a thread: the event loop must keep running, the UCX server lives on it.
+        if not await loop.run_in_executor(None, self._connection.poll, timeout_s):
+            raise TimeoutError(f"peer did not answer {command[0]!r} within {timeout_s}s")
+        return self._connection.recv()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(10)
+
+    def stop(self) -> None:
+        try:
+            if self.process.is_alive():
+                self._connection.send(("stop",))
+                self.process.join(10)
+        finally:
+            if self.process.is_alive():
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def peer():
+    peer = Peer()
+    yield peer
+    peer.stop()
+    assert peer.process.exitcode == 0, "the peer process did not shut down cleanly (ucxx threads left behind?)"
+
+
+async def _start_decode(*, checksum: bool = False):
+    server = get_transport("ucx").make_server(token=TOKEN, options=TransportOptions(cancel_timeout_s=5.0))
+    await server.start("127.0.0.1")
+    cache = make_cache(NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_HEADS, HEAD_DIM)
+    return server, cache, KVReceiver(server, cache, BLOCK_SIZE, checksum=checksum)
+
+
+def _job(info, seed, layers=None, *, delay_s=0.0, finish=True):
+    return dict(info=info, seed=seed, layers=list(range(info.num_layers)) if layers is None else layers,
+                delay_s=delay_s, finish=finish)
+
+
+def _kv(seed, num_tokens):
+    return make_kv(seed, NUM_LAYERS, num_tokens, NUM_HEADS, HEAD_DIM)
+
+
+def test_ucx_in_one_process_carries_bfloat16():
+    async def body():
+        transport = get_transport("ucx")
+        server = transport.make_server(token=TOKEN)
+        address = await server.start("127.0.0.1")
+        cache = make_cache(2, 16, BLOCK_SIZE, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        receiver = KVReceiver(server, cache, BLOCK_SIZE, checksum=True)
+        sender = KVSender(transport.make_client(token=TOKEN))
+        info = receiver.reserve("bf16", [9, 10, 3], 10, lease_s=10)
+        kv = make_kv(11, 2, 10, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        for layer, (k, v) in enumerate(kv):
+            await sender.push_layer(info, layer, k, v)
+        sent = await sender.finish(info, timeout_s=10)
+        landed = await receiver.wait_complete("bf16")
+        assert address.startswith("ucx://127.0.0.1:")
+        assert landed.num_bytes == sent.num_bytes
+        assert_kv_landed(cache, [9, 10, 3], 10, kv)
+        assert_untouched(cache, [b for b in range(16) if b not in (9, 10, 3)])
+        await sender._client.close()
+        await server.close()
+
+    run_bounded(body(), 30)
+
+
+@pytest.mark.slow
+def test_ucx_concurrent_requests_land_bitwise_in_their_blocks(peer):
+    async def body():
+        server, cache, receiver = await _start_decode(checksum=True)
+        num_tokens = [37, 5, 61]
+        tables = shuffled_block_sets(21, NUM_BLOCKS, [blocks_needed(n, BLOCK_SIZE) + 2 for n in num_tokens])
+        infos = [receiver.reserve(f"req-{i}", t, n, lease_s=20) for i, (t, n) in enumerate(zip(tables, num_tokens))]
+        waits = [asyncio.create_task(receiver.wait_complete(info.request_id)) for info in infos]
+        replies = await peer.call(("push", [_job(info, 200 + i) for i, info in enumerate(infos)]))
+        assert [r[0] for r in replies] == ["ok"] * 3, replies
+        landed = await asyncio.gather(*waits)
+        for i, info in enumerate(infos):
+            assert landed[i].num_bytes == replies[i][1]
+            assert_kv_landed(cache, tables[i], num_tokens[i], _kv(200 + i, num_tokens[i]))
+        used = {b for table, n in zip(tables, num_tokens) for b in table[: blocks_needed(n, BLOCK_SIZE)]}
+        assert_untouched(cache, sorted(set(range(NUM_BLOCKS)) - used))
+        await server.close()
+
+    run_bounded(body(), 60)
+
+
+@pytest.mark.slow
+def test_ucx_wrong_token_is_refused_and_logged(peer, caplog):
+    async def body():
+        server, _, _ = await _start_decode()
+        refused = await peer.call(("connect", server.address, "wrong-token"))
+        accepted = await peer.call(("connect", server.address, TOKEN))
+        await server.close()
+        return refused, accepted
+
+    with caplog.at_level(logging.WARNING, logger="kv_transfer"):
+        refused, accepted = run_bounded(body(), 30)
+    assert refused[:2] == ("error", "AuthenticationError") and "wrong cluster token" in refused[2]
+    assert accepted == ("ok", None)
+    assert any("refused peer 'test-prefill'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(peer):
+    async def body():
+        server, cache, receiver = await _start_decode()
+        num_tokens = 90
+        blocks = shuffled_block_sets(5, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
+        old = receiver.reserve("old", blocks, num_tokens, lease_s=20)
+        assert (await peer.call(("push_async", [_job(old, 1, [0, 1], finish=False)])))[0] == "started"
+        deadline = time.monotonic() + 10
+        while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert not torch.all(cache[0][blocks] == SENTINEL), "no KV of the first request arrived"
+        assert await receiver.abort("old") is True
+        snapshot = [t.clone() for t in cache]
+
+        new = receiver.reserve("new", blocks, num_tokens, lease_s=20)
+        waiter = asyncio.create_task(receiver.wait_complete("new"))
+        # The rest of the aborted request arrives late, together with the new one.
+        replies = await peer.call(("push", [_job(old, 1, [2, 3]), _job(new, 2)]))
+        assert [r[0] for r in replies] == ["ok", "ok"], replies
+        await waiter
+        assert_kv_landed(cache, blocks, num_tokens, _kv(2, num_tokens))
+        others = [b for b in range(NUM_BLOCKS) if b not in blocks]
+        for layer in range(NUM_LAYERS):
+            assert torch.equal(cache[layer][others], snapshot[layer][others])
+        assert_untouched(cache, others)
+        await server.close()
+
+    run_bounded(body(), 60)
+
+
+@pytest.mark.slow
+def test_ucx_lease_expiry_aborts_within_the_bound(peer):
+    async def body():
+        server, cache, receiver = await _start_decode()
+        info = receiver.reserve("late", [7, 8, 40], 12, lease_s=0.5)
+        started = time.monotonic()
+        replies = await peer.call(("push", [_job(info, 3, [0], finish=False)]))
+        assert replies == [("ok", None)]
+        with pytest.raises(TransferAborted, match="lease of 0.5s expired"):
+            await receiver.wait_complete("late")
+        assert time.monotonic() - started < 0.5 + 0.5
+        await server.close()
+
+    run_bounded(body(), 30)
+
+
+@pytest.mark.slow
+def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_serving(peer):
+    async def body():
+        server, cache, receiver = await _start_decode()
+        doomed = Peer()
+        try:
+            num_tokens = 70
+            blocks = shuffled_block_sets(9, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
+            lease_s = 2.0
+            info = receiver.reserve("doomed", blocks, num_tokens, lease_s=lease_s)
+            started = time.monotonic()
+            await doomed.call(("push_async", [_job(info, 4, delay_s=0.3)]), timeout_s=60)
+            while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() - started < lease_s:
+                await asyncio.sleep(0.01)
+            doomed.kill()  # between layers or in the middle of one
+            with pytest.raises(TransferAborted):
+                await receiver.wait_complete("doomed")
+            assert time.monotonic() - started < lease_s + 1.0
+        finally:
+            doomed.kill()
+
+        # The server survived its peer's death: a new request from another process completes.
+        fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=20)
+        replies = await peer.call(("push", [_job(fresh, 5)]))
+        assert replies[0][0] == "ok", replies
+        await receiver.wait_complete("fresh")
+        assert_kv_landed(cache, blocks, num_tokens, _kv(5, num_tokens))
+        await server.close()
+
+    run_bounded(body(), 90)

@@ -3,8 +3,8 @@
 Who calls it: the prefill tier (first token) and the decode engine (every step), with the float32 logits of
 `CausalLM.forward`. It promises: temperature 0 is argmax; otherwise temperature, then top-k, then top-p (the
 smallest set of most likely tokens whose mass reaches top_p) and a draw. A seeded request's draw depends only on
-its own logits and (seed, output_index), never on which other requests share the batch, so any replica (prefill for
-the first token, decode later, a retry elsewhere) reproduces the same stream on the same kind of device.
+its own logits and (seed, output_index), never on which other requests share the batch nor on the device, so any
+replica (prefill for the first token, decode later, a retry elsewhere, another GPU type) reproduces the same stream.
 """
 
 from __future__ import annotations
@@ -95,32 +95,46 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
 
 
-_unseeded_generators: dict[torch.device, torch.Generator] = {}
-
-
-def _unseeded_generator(device: torch.device) -> torch.Generator:
-    """A per-device generator seeded from the OS, so requests without a seed really differ between runs."""
-    if device not in _unseeded_generators:
-        _unseeded_generators[device] = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-    return _unseeded_generators[device]
-
-
 def request_seed(seed: int, output_index: int) -> int:
-    """The generator seed for one draw of a seeded request."""
+    """The 63-bit key of one draw of a seeded request."""
     return (seed * _SEED_STRIDE + output_index) % _SEED_MODULUS
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, constant: int):
+    """(x * constant) mod 2**32 for 0 <= x < 2**32, split in 16-bit halves so int64 never overflows. Works on
+    Python ints and int64 tensors alike, with the same result on every device."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x):
+    """A 32-bit integer finaliser (xor-shift / multiply rounds): a bijection that scatters nearby inputs."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _row_keys(key):
+    """Two well-mixed 32-bit keys from a 63-bit draw key (int or int64 tensor)."""
+    low, high = key & _MASK32, (key >> 32) & _MASK32
+    first = _mix32(low ^ _mix32(high ^ 0x9E3779B9))
+    return first, _mix32((first + 0x85EBCA6B) & _MASK32)
 
 
 def _exponential_noise(shape: torch.Size, params: list[SamplingParams], output_index: list[int],
                        device: torch.device) -> torch.Tensor:
-    noise = torch.empty(shape, device=device)
-    unseeded = [i for i, p in enumerate(params) if p.seed is None]
-    if unseeded:
-        block = torch.empty((len(unseeded), shape[1]), device=device)
-        block.exponential_(generator=_unseeded_generator(device))
-        noise[torch.tensor(unseeded, device=device)] = block
-    for i, p in enumerate(params):
-        if p.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(request_seed(p.seed, output_index[i]))
-            noise[i].exponential_(generator=generator)
-    # exponential_ can return exactly 0 in float32; keep the division finite.
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+    """Exp(1) noise per (row, token) from a counter-based hash of (draw key, token id). Integer arithmetic is exact
+    everywhere, so a seeded draw is the same on any replica and any device (a torch.Generator's stream depends on
+    the device type and even on the GPU's kernel launch shape); requests without a seed get a fresh random key."""
+    keys = [request_seed(p.seed, i) if p.seed is not None else secrets.randbits(63)
+            for p, i in zip(params, output_index)]
+    first_key, second_key = _row_keys(torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
+    token_ids = torch.arange(shape[1], dtype=torch.int64, device=device)[None, :]
+    bits = _mix32(_mix32(token_ids ^ first_key) ^ second_key)
+    # 24 random bits -> a float32 uniform in (0, 1) exactly, then the inverse CDF of Exp(1).
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
+    return -torch.log(uniform)

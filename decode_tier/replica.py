@@ -68,8 +68,7 @@ class DecodeReplica:
                 import ray  # only the actor's own node knows its address
 
                 host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            server_cls = get_transport(self._kv_backend).server_class
-            self._server = server_cls(token=self._kv_token)
+            self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
             self._kv_address = await self._server.start(host)
             self._receiver = KVReceiver(self._server, self._engine.kv_cache, self._engine.block_size,
                                         checksum=self._checksum)
@@ -94,7 +93,7 @@ class DecodeReplica:
         self._pending[request_id] = _Pending(kv_task=task, reserved_at=time.monotonic())
         return info
 
-    async def _await_kv(self, request_id: str) -> dict:
+    async def _await_kv(self, request_id: str):
         try:
             return await self._receiver.wait_complete(request_id)
         except BaseException:
@@ -116,7 +115,7 @@ class DecodeReplica:
             queue: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = queue
             early = self._engine.admit(request_id, list(prompt_token_ids), first_token)
-            yield {"kv_bytes": int(stats.get("bytes", 0)), "kv_wait_s": time.monotonic() - pending.reserved_at}
+            yield {"kv_bytes": int(stats.num_bytes), "kv_wait_s": time.monotonic() - pending.reserved_at}
             if early is not None:
                 yield {"token_ids": [], "finish_reason": early.finish_reason}
                 return
@@ -133,17 +132,19 @@ class DecodeReplica:
                     return
         finally:
             self._streams.pop(request_id, None)
-            self._release(request_id)
+            await self._release(request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request in any state; its blocks are free when this returns. Idempotent."""
-        return self._release(request_id)
+        return await self._release(request_id)
 
-    def _release(self, request_id: str) -> bool:
+    async def _release(self, request_id: str) -> bool:
+        # The receiver is aborted first: once it returns, no late KV write can land in the blocks, so freeing
+        # them in the engine cannot hand a block to another request while a stale write is still in flight.
         pending = self._pending.pop(request_id, None)
+        await self._receiver.abort(request_id)
         if pending is not None:
             pending.kv_task.cancel()
-        self._receiver.abort(request_id)
         return self._engine.abort(request_id)
 
     def stats(self) -> dict:

@@ -59,8 +59,7 @@ class PrefillReplica:
 
     async def start(self) -> dict:
         if not self._started:
-            client_cls = get_transport(self._kv_backend).client_class
-            self._client = client_cls(token=self._kv_token)
+            self._client = get_transport(self._kv_backend).make_client(token=self._kv_token)
             self._sender = KVSender(self._client)
             self._wake = asyncio.Event()
             self._loop_task = asyncio.create_task(self._batch_loop())
@@ -171,7 +170,7 @@ class PrefillReplica:
                 "queue_s": started - work.enqueued_at,
                 "prefill_s": forward_s,
                 "kv_s": kv_s,
-                "kv_bytes": int(outcome.get("bytes", 0)) if isinstance(outcome, dict) else 0,
+                "kv_bytes": int(outcome.num_bytes) if outcome is not None else 0,
             })
 
     def _forward(self, batch: list[_Work], push) -> tuple[list[int], float, list]:

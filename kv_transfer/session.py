@@ -162,8 +162,10 @@ class KVReceiver:
             num_bytes = await asyncio.shield(reservation.landed)
         except TransferAborted as error:
             reason = reservation.abort_reason or error.reason
-            await self._end(reservation)
-            self._forget(reservation)
+            try:
+                await self._end(reservation)  # may raise CancelIncomplete: then the blocks must not be reused
+            finally:
+                self._forget(reservation)
             raise TransferAborted(request_id, reason) from None
         seconds = time.monotonic() - reservation.reserved_at
         self._forget(reservation)
@@ -180,8 +182,10 @@ class KVReceiver:
             return False
         if reservation.abort_reason is None:
             reservation.abort_reason = reason
-        await self._end(reservation)
-        self._forget(reservation)
+        try:
+            await self._end(reservation)
+        finally:
+            self._forget(reservation)
         return True
 
     async def close(self) -> None:
@@ -277,9 +281,9 @@ class KVSender:
         send.add_done_callback(lambda t: t.cancelled() or t.exception())
         push.sends.append(send)
 
-    async def finish(self, info: ReservationInfo, timeout_s: float | None = None) -> TransferStats:
+    async def finish(self, info: ReservationInfo, timeout_s: float | None = 60.0) -> TransferStats:
         """Wait for every send of the request; raises `TransferAborted` if a layer was never pushed, a send
-        failed, or (with `timeout_s`) the sends did not complete in time."""
+        failed, or the sends did not complete within `timeout_s` (None: no bound)."""
         push = self._pushes.pop(_push_key(info), None)
         if push is None:
             raise TransferAborted(info.request_id, "finish() without any push_layer()")

@@ -223,12 +223,16 @@ class UcxKVServer(KVServer):
         kv_mask = ucxx.types.TagMask(KIND_MASK)
         while not self._is_closing:
             num_matched = 0
-            while num_matched < _PROBE_BATCH:
-                probe = worker.tag_probe(kv_tag, kv_mask, remove=True)
-                if not probe.matched:
-                    break
-                num_matched += 1
-                self._dispatch(probe)
+            try:
+                while num_matched < _PROBE_BATCH:
+                    probe = worker.tag_probe(kv_tag, kv_mask, remove=True)
+                    if not probe.matched:
+                        break
+                    num_matched += 1
+                    self._dispatch(probe)
+            except Exception:  # keep matching: a dead matcher would leave every transfer to its lease
+                logger.exception("ucx kv server %s: matching arriving chunks failed", self._address)
+                num_matched = 0
             if num_matched == _PROBE_BATCH:
                 await asyncio.sleep(0)
                 continue

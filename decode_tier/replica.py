@@ -95,12 +95,21 @@ class DecodeReplica:
 
     async def _await_kv(self, request_id: str):
         try:
-            return await self._receiver.wait_complete(request_id)
+            stats = await self._receiver.wait_complete(request_id)
+            # Safety net: KV that landed but is never claimed by generate() (router gone) is freed after a lease.
+            asyncio.get_running_loop().call_later(self._lease_s, self._reclaim_unclaimed, request_id)
+            return stats
         except BaseException:
             # lease expired, aborted or cancelled: the blocks go back to the pool now
             self._engine.abort(request_id)
             self._pending.pop(request_id, None)
             raise
+
+    def _reclaim_unclaimed(self, request_id: str) -> None:
+        if request_id in self._pending:
+            log.warning("decode replica %s: request %s never claimed its KV within the lease; freeing it",
+                        self.replica_id, request_id)
+            asyncio.ensure_future(self._release(request_id))
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], first_token: int):
         """Streaming generator. First item: {"kv_bytes", "kv_wait_s"}; then {"token_ids": [...],

@@ -85,15 +85,13 @@ class ClusterBackend:
     async def generate(self, spec: RequestSpec) -> AsyncIterator[TokenEvent | FinishEvent]:
         started = time.monotonic()
         params = spec.params
-        needs_decode = params.max_tokens > 1
-        decode = reservation = None
+        decode = reservation = stream = None
+        decode_released = False  # True once the decode replica freed the request itself (its stream finished)
         prefill = self._pick_prefill()
-        stream = None
-        finished = False
-        prefill_counted = True
+        prefill_pending = True
         self._bump(prefill, +1)
         try:
-            if needs_decode:
+            if params.max_tokens > 1:
                 decode, reservation = await self._reserve(spec)
                 self._bump(decode, +1)
             try:
@@ -103,21 +101,19 @@ class ClusterBackend:
                 raise BackendError(grpc.StatusCode.UNAVAILABLE,
                                    f"prefill on {prefill.replica_id} failed: {_cause(exc)}") from None
             self._bump(prefill, -1)
-            prefill_counted = False
+            prefill_pending = False
             prefill_done = time.monotonic()
             first = result["first_token"]
             timings = dict(queue_s=result["queue_s"], prefill_s=result["prefill_s"], kv_transfer_s=result["kv_s"],
                            kv_bytes=result["kv_bytes"], ttft_s=prefill_done - started)
             replicas = dict(prefill_replica=prefill.replica_id,
                             decode_replica=decode.replica_id if decode else "")
-            stops_here = self._finishes(first, params)
-            if stops_here == "stop":  # the stop token itself is not part of the output
-                finished = True
+            ends_here = self._finishes(first, params)
+            if ends_here == "stop":  # the stop token itself is not part of the output
                 yield FinishEvent(finish_reason="stop", timings=Timings(**timings), **replicas)
                 return
             yield TokenEvent([first], timings=Timings(**timings), **replicas)
-            if stops_here or decode is None:
-                finished = True
+            if ends_here or decode is None:
                 yield FinishEvent(finish_reason="length", timings=Timings(**timings), **replicas)
                 return
             num_tokens = 1
@@ -133,26 +129,26 @@ class ClusterBackend:
                         yield TokenEvent(list(item["token_ids"]))
                     if item["finish_reason"]:
                         finish_reason = item["finish_reason"]
+                        decode_released = True
                         break
             except ray.exceptions.RayError as exc:
                 raise BackendError(grpc.StatusCode.UNAVAILABLE,
                                    f"decode on {decode.replica_id} failed: {_cause(exc)}") from None
             if finish_reason == "error":
                 raise BackendError(grpc.StatusCode.INTERNAL, f"decode replica {decode.replica_id} failed a step")
-            finished = True
-            ended = time.monotonic()
-            timings["tpot_s"] = (ended - prefill_done) / max(1, num_tokens - 1)
+            timings["tpot_s"] = (time.monotonic() - prefill_done) / max(1, num_tokens - 1)
             yield FinishEvent(finish_reason=finish_reason, timings=Timings(**timings), **replicas)
         finally:
-            if decode is not None:
-                self._bump(decode, -1)
-                if not finished:
-                    decode.actor.abort.remote(spec.request_id)  # frees its blocks; fire and forget
-            if stream is not None and not finished:
-                ray.cancel(stream)
-            if prefill_counted:
+            # Whatever ended the request (finish, stop string, client gone, failure), nothing may stay held.
+            if prefill_pending:
                 self._bump(prefill, -1)
                 prefill.actor.cancel.remote(spec.request_id)
+            if decode is not None:
+                self._bump(decode, -1)
+                if stream is not None and not decode_released:
+                    ray.cancel(stream)
+                if not decode_released:
+                    decode.actor.abort.remote(spec.request_id)  # frees its blocks; fire and forget
 
     def _finishes(self, token: int, params) -> str | None:
         if token in params.stop_token_ids or (not params.ignore_eos and token in self._model_info.eos_token_ids):

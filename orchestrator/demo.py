@@ -31,7 +31,8 @@ def run_demo(config: ClusterConfig, *, num_requests: int = 4, max_tokens: int = 
     with RunningCluster(config) as cluster:
         print(f"pdcluster demo: cluster up in {time.monotonic() - started:.1f} s at {cluster.address}", file=out)
         print("pdcluster demo: NOTE the default model has random weights, so the text is gibberish; the point is "
-              "the path it takes (router -> prefill -> KV over UCX -> decode -> router).\n", file=out, flush=True)
+              "the path it takes (router -> prefill -> KV over UCX -> decode -> router). Greedy, ignore_eos, "
+              f"{max_tokens} tokens each.\n", file=out, flush=True)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
         results: list[dict | None] = [None] * num_requests
         errors: list[str] = []
@@ -40,7 +41,8 @@ def run_demo(config: ClusterConfig, *, num_requests: int = 4, max_tokens: int = 
             try:
                 with Client(cluster.address) as client:
                     text, last = "", None
-                    for chunk in client.generate(prompts[index], max_tokens=max_tokens, temperature=0.0):
+                    for chunk in client.generate(prompts[index], max_tokens=max_tokens, temperature=0.0,
+                                                 ignore_eos=True):
                         text += chunk.text
                         last = chunk
                     results[index] = {"text": text, "last": last}

@@ -153,3 +153,18 @@ def test_greedy_output_equals_transformers_qwen2(ray_local, tmp_path_factory):
         results = _generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
     expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
     assert [tokens for tokens, _ in results] == expected
+
+
+def test_first_token_stop_releases_the_reservation(llama_cluster):
+    cluster, _ = llama_cluster
+    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    with Client(cluster.address) as client:
+        first = [t for c in client.generate(token_ids=prompt, max_tokens=1) for t in c.token_ids]
+        assert len(first) == 1
+        # The prefill samples that same token first and it is a stop token: nothing reaches decode, and the KV
+        # reservation made for the request must be released, not left waiting for a stream that never comes.
+        chunks = list(client.generate(token_ids=prompt, max_tokens=16, stop_token_ids=first))
+    assert chunks[-1].finish_reason == "stop"
+    assert sum(len(c.token_ids) for c in chunks) == 0
+    blocks = _wait_blocks_full(cluster)
+    assert blocks["num_free"] == blocks["num_total"], f"reservation leaked: {blocks}"

@@ -1,0 +1,20 @@
+"""Shared fixtures. `ray_local`: one real local Ray instance for the whole test session (tests that need Ray
+share it instead of starting and stopping their own)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        root = str(Path(__file__).resolve().parent.parent)  # actors import the packages from this checkout
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": root}})
+    yield ray
+    ray.shutdown()

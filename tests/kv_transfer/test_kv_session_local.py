@@ -18,6 +18,7 @@ from kv_transfer.errors import AuthenticationError
 from kv_transfer.layout import pack_chunks
 from kv_transfer.local_transport import LocalKVClient, LocalKVServer
 from kv_test_helpers import (
+    SENTINEL,
     assert_kv_landed,
     assert_untouched,
     blocks_needed,
@@ -111,14 +112,18 @@ def test_abort_waits_for_writes_under_way_then_blocks_are_reusable_at_once():
         old = receiver.reserve("old", blocks, num_tokens, lease_s=10)
         waiter = asyncio.create_task(receiver.wait_complete("old"))
         await sender.push_layer(old, 0, *old_kv[0])
-        await asyncio.sleep(0.05)  # layer 0's chunks are claimed and "on the wire" for 0.2 s
+        # Wait until layer 0's first chunk is claimed and "on the wire" (0.2 s) (test peeks at the table).
+        while old.transfer_id not in server._table._transfers or not server._table._transfers[old.transfer_id].num_inflight:
+            await asyncio.sleep(0.001)
 
-        started = time.monotonic()
         assert await receiver.abort("old") is True
-        assert time.monotonic() - started >= 0.1, "abort returned while writes of the transfer were still under way"
         with pytest.raises(TransferAborted, match="aborted by the decode replica"):
             await waiter
+        # The write under way finished before abort returned, and nothing lands afterwards.
+        assert not torch.all(cache[0][blocks[0]] == SENTINEL)
         snapshot = [t.clone() for t in cache]
+        await asyncio.sleep(0.3)
+        assert all(torch.equal(a, b) for a, b in zip(cache, snapshot))
 
         # Late layers of the aborted request: dropped, nothing lands.
         for layer in range(1, NUM_LAYERS):
@@ -145,12 +150,12 @@ def test_lease_expiry_aborts_within_the_bound():
     async def body():
         server, cache, receiver, sender = await _pair()
         kv = make_kv(5, NUM_LAYERS, 6)
+        started = time.monotonic()
         info = receiver.reserve("slow", [1, 2], 6, lease_s=0.3)
         await sender.push_layer(info, 0, *kv[0])  # only one layer ever comes
-        started = time.monotonic()
         with pytest.raises(TransferAborted, match="lease of 0.3s expired"):
             await receiver.wait_complete("slow")
-        assert time.monotonic() - started < 0.3 + 0.2
+        assert 0.3 <= time.monotonic() - started < 0.3 + 0.5
         assert not receiver.is_pending("slow")
         # The rest arriving late lands nowhere.
         snapshot = [t.clone() for t in cache]

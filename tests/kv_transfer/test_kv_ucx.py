@@ -187,13 +187,13 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
 def test_ucx_lease_expiry_aborts_within_the_bound(peer):
     async def body():
         server, cache, receiver = await _start_decode()
-        info = receiver.reserve("late", [7, 8, 40], 12, lease_s=0.5)
         started = time.monotonic()
+        info = receiver.reserve("late", [7, 8, 40], 12, lease_s=0.5)
         replies = await peer.call(("push", [_job(info, 3, [0], finish=False)]))
         assert replies == [("ok", None)]
         with pytest.raises(TransferAborted, match="lease of 0.5s expired"):
             await receiver.wait_complete("late")
-        assert time.monotonic() - started < 0.5 + 0.5
+        assert 0.5 <= time.monotonic() - started < 0.5 + 1.0
         await server.close()
 
     run_bounded(body(), 30)
@@ -216,7 +216,7 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
             doomed.kill()  # between layers or in the middle of one
             with pytest.raises(TransferAborted):
                 await receiver.wait_complete("doomed")
-            assert time.monotonic() - started < lease_s + 1.0
+            assert time.monotonic() - started < lease_s + 2.0
         finally:
             doomed.kill()
 

@@ -89,8 +89,11 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
     sorted_probs = sorted_logits.softmax(dim=-1)
     # Keep a token while the mass of the tokens before it is still short of top_p (the first is always kept).
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=sorted_probs.dtype)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # In float64: a float32 running sum over a 100K-token vocabulary drifts enough to move the cut, and the cut
+    # must land on the same token on every device for seeded streams to agree.
+    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float64)
+    sorted_probs64 = sorted_probs.double()
+    mass_before = sorted_probs64.cumsum(dim=-1) - sorted_probs64
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p[:, None], 0.0)
     return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
 
@@ -135,6 +138,10 @@ def _exponential_noise(shape: torch.Size, params: list[SamplingParams], output_i
     first_key, second_key = _row_keys(torch.tensor(keys, dtype=torch.int64, device=device)[:, None])
     token_ids = torch.arange(shape[1], dtype=torch.int64, device=device)[None, :]
     bits = _mix32(_mix32(token_ids ^ first_key) ^ second_key)
-    # 24 random bits -> a float32 uniform in (0, 1) exactly, then the inverse CDF of Exp(1).
-    uniform = ((bits >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
-    return -torch.log(uniform)
+    return -torch.log(uniform_from_bits(bits))  # the inverse CDF of Exp(1)
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2**32)) -> float32 uniform strictly inside (0, 1). Uses the top 23 bits: k + 0.5
+    is exact in float32 for k < 2**23, so u never rounds to 1 (which would make the exponential noise 0)."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * 2.0 ** -23

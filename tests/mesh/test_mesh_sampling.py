@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mesh.sampling import SamplingParams, sample
+from mesh.sampling import SamplingParams, sample, uniform_from_bits
 
 VOCAB = 50
 
@@ -111,3 +111,9 @@ def test_seeded_stream_is_pinned():
 
 
 PINNED_STREAM = [5, 9, 9, 11, 10, 13, 5, 15, 6, 10, 5, 15]
+
+
+def test_uniform_never_reaches_zero_or_one():
+    extremes = uniform_from_bits(torch.tensor([0, 2 ** 32 - 1], dtype=torch.int64))
+    assert 0 < extremes[0] < 1e-6 and 1 - 1e-6 < extremes[1] < 1
+    assert (-torch.log(extremes)).min() > 0

@@ -89,6 +89,23 @@ class RaySection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EndpointSection:
+    """An optional HTTP listener (metrics, gateway): port None = off, 0 = any free port."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.port is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSection:
+    level: str = "INFO"  # of `pdcluster serve`; the per-request JSON lines are INFO
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     model: ModelSection
     router: RouterSection
@@ -96,6 +113,9 @@ class ClusterConfig:
     decode: TierSection
     kv_transfer: KVTransferSection
     ray: RaySection
+    metrics: EndpointSection = field(default_factory=EndpointSection)  # Prometheus /metrics
+    gateway: EndpointSection = field(default_factory=EndpointSection)  # OpenAI-compatible HTTP API
+    logging: LoggingSection = field(default_factory=LoggingSection)
     source: str = ""  # file it came from, for messages
 
     def tiers(self) -> tuple[TierSection, TierSection]:
@@ -106,6 +126,7 @@ _KNOWN_BACKENDS = ("ucx", "nccl")
 _KNOWN_POLICIES = ("least-loaded", "power-of-two", "round-robin")
 _KNOWN_DTYPES = ("float32", "bfloat16", "float16")
 _KNOWN_RESOURCE_KEYS = ("num_cpus", "num_gpus", "accelerator_type", "memory", "custom")
+_KNOWN_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _section(raw: dict, key: str, parent: str = "") -> dict:
@@ -191,6 +212,23 @@ def _parse_resources(raw: dict, prefix: str) -> dict[str, Any]:
     return resources
 
 
+def _parse_endpoint(raw: dict, name: str) -> EndpointSection:
+    p = f"{name}."
+    _reject_unknown(raw, ("host", "port"), p)
+    port = _int(raw, "port", p, None, minimum=0)
+    if port is not None and port > 65535:
+        raise ConfigError(f"{p}port", f"{port} is not a TCP port (0-65535; 0 picks a free one; null turns {name} off)")
+    return EndpointSection(host=_str(raw, "host", p, "127.0.0.1"), port=port)
+
+
+def _parse_logging(raw: dict) -> LoggingSection:
+    _reject_unknown(raw, ("level",), "logging.")
+    level = _str(raw, "level", "logging.", "INFO")
+    if level.upper() not in _KNOWN_LOG_LEVELS:
+        raise ConfigError("logging.level", f"{level!r} is not one of: {', '.join(_KNOWN_LOG_LEVELS)}")
+    return LoggingSection(level=level.upper())
+
+
 def _parse_tier(raw: dict, name: str) -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
@@ -225,7 +263,8 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")
-    _reject_unknown(raw, ("model", "router", "prefill", "decode", "kv_transfer", "ray"), "")
+    _reject_unknown(raw, ("model", "router", "prefill", "decode", "kv_transfer", "ray", "metrics", "gateway",
+                         "logging"), "")
 
     model_raw = _section(raw, "model")
     _reject_unknown(model_raw, ("path", "preset", "dtype", "name"), "model.")
@@ -280,6 +319,9 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         decode=_parse_tier(_section(raw, "decode"), "decode"),
         kv_transfer=kv,
         ray=ray_section,
+        metrics=_parse_endpoint(_section(raw, "metrics"), "metrics"),
+        gateway=_parse_endpoint(_section(raw, "gateway"), "gateway"),
+        logging=_parse_logging(_section(raw, "logging")),
         source=source,
     )
     if config.kv_transfer.backend == "nccl":

@@ -43,12 +43,29 @@ def _minimal(**sections):
     (_minimal(decode={"resources": {"gpus": 1}}), "decode.resources.gpus", "unknown key"),
     (_minimal(kv_transfer={"lease_s": 0}), "kv_transfer.lease_s", "> 0"),
     (_minimal(model={"path": "/m", "dtype": "int4"}), "model.dtype", "float32"),
+    (_minimal(metrics={"port": 70000}), "metrics.port", "TCP port"),
+    (_minimal(metrics={"port": "9100"}), "metrics.port", "integer"),
+    (_minimal(metrics={"path": "/m"}), "metrics.path", "unknown key"),
+    (_minimal(gateway={"port": -1}), "gateway.port", ">= 0"),
+    (_minimal(gateway=[8000]), "gateway", "mapping"),
+    (_minimal(logging={"level": "LOUD"}), "logging.level", "INFO"),
 ])
 def test_errors_name_the_key(raw, key, words):
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert err.value.key == key
     assert key in str(err.value) and words in str(err.value)
+
+
+def test_observability_sections_default_off_and_parse():
+    config = parse_config(_minimal())
+    assert not config.metrics.is_enabled and not config.gateway.is_enabled
+    assert config.logging.level == "INFO"
+    config = parse_config(_minimal(metrics={"port": 9100, "host": "0.0.0.0"}, gateway={"port": 0},
+                                   logging={"level": "debug"}))
+    assert (config.metrics.host, config.metrics.port) == ("0.0.0.0", 9100)
+    assert config.gateway.is_enabled and (config.gateway.host, config.gateway.port) == ("127.0.0.1", 0)
+    assert config.logging.level == "DEBUG"
 
 
 def test_relative_model_path_is_relative_to_the_file(tmp_path):

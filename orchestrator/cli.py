@@ -22,9 +22,13 @@ import threading
 EXIT_CONFIG = 2
 
 
-def _load(path: str | None, port: int | None = None):
-    from orchestrator.config import load_config
+def load_config(path):
+    from orchestrator.config import load_config as load
 
+    return load(path)
+
+
+def _load(path: str | None, port: int | None = None):
     config = load_config(path)
     if port is not None:
         if not 0 <= port <= 65535:
@@ -53,6 +57,28 @@ def cmd_serve(args) -> int:
     finally:
         cluster.stop()
     print("pdcluster: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_apply(args) -> int:
+    import yaml
+
+    from orchestrator.client import Client, PdclusterError
+
+    load_config(args.config)  # validate here first: a bad file never reaches the cluster
+    raw = yaml.safe_load(open(args.config).read()) or {}
+    model = raw.get("model") or {}
+    if isinstance(model.get("path"), str) and not os.path.isabs(os.path.expanduser(model["path"])):
+        # the router resolves nothing relative to its own directory: send the path as this file means it
+        model["path"] = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(args.config)), model["path"]))
+    with Client(args.address) as client:
+        try:
+            for line in client.apply(yaml.safe_dump(raw, sort_keys=False), dry_run=args.dry_run,
+                                     drain_timeout_s=args.drain_timeout):
+                print(line, flush=True)
+        except PdclusterError as exc:
+            print(f"pdcluster: apply failed: {exc.message}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -106,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show tiers, replicas, load and KV blocks")
     cli_client.add_status_args(status)
     status.set_defaults(func=cli_client.run_status)
+
+    apply = sub.add_parser("apply", help="change a running deployment to match a cluster.yaml")
+    apply.add_argument("config")
+    apply.add_argument("--address", default="127.0.0.1:50051", help="router address HOST:PORT")
+    apply.add_argument("--dry-run", action="store_true", help="print the plan only")
+    apply.add_argument("--drain-timeout", type=float, default=0.0,
+                       help="seconds to let a draining replica finish its requests (default 300)")
+    apply.set_defaults(func=cmd_apply)
 
     make = sub.add_parser("make-model", help="write a Hugging Face model directory with seeded random weights")
     make.add_argument("dir")

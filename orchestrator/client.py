@@ -253,6 +253,23 @@ class Client:
             return False
         return response.status == _SERVING
 
+    def apply(self, config_yaml: str, *, dry_run: bool = False, drain_timeout_s: float = 0.0) -> Iterator[str]:
+        """Ask the router to change the deployment to match `config_yaml` (the text of a cluster.yaml). Yields the
+        plan and then one line per completed step; raises PdclusterError if the change is refused."""
+        from protos import admin_pb2, admin_pb2_grpc
+
+        request = admin_pb2.ApplyRequest(config_yaml=config_yaml, dry_run=dry_run, drain_timeout_s=drain_timeout_s)
+        lines: list[str] = []
+        try:
+            for progress in admin_pb2_grpc.AdminStub(self._channel).Apply(request, timeout=self.timeout):
+                if progress.line:
+                    lines.append(progress.line)
+                    yield progress.line
+                if progress.done and not progress.ok:
+                    raise PdclusterError(grpc.StatusCode.FAILED_PRECONDITION, "; ".join(lines) or "apply refused")
+        except grpc.RpcError as error:
+            raise _to_error(error) from None
+
     def close(self) -> None:
         self._channel.close()
 

@@ -157,6 +157,10 @@ class ClusterBackend:
             return "length"
         return None
 
+    def inflight(self, replica_id: str) -> int:
+        """Requests the router has in flight on a replica (used to drain it)."""
+        return self._inflight.get(replica_id, 0)
+
     def _bump(self, handle: ReplicaHandle, delta: int) -> None:
         self._inflight[handle.replica_id] = max(0, self._inflight.get(handle.replica_id, 0) + delta)
 

@@ -8,6 +8,7 @@ resource that is missing instead of waiting forever.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -39,9 +40,10 @@ class ReplicaHandle:
     tier: str
     actor: "ray.actor.ActorHandle"
     placement_group: PlacementGroup
+    section: TierSection | None = None  # the tier settings this replica was started with
     info: dict = field(default_factory=dict)  # what start() returned (kv address, block counts, ...)
     node_ip: str = ""
-    state: str = "starting"
+    state: str = "starting"  # starting -> ready -> draining -> removed (or dead)
 
 
 def ensure_model(config: ClusterConfig, *, out=sys.stderr) -> None:
@@ -117,10 +119,27 @@ class Deployment:
     def replicas(self, tier: str) -> list[ReplicaHandle]:
         return self.prefill if tier == "prefill" else self.decode
 
+    def add_replica(self, tier: TierSection, *, out=sys.stderr) -> ReplicaHandle:
+        """Place and start one more replica of `tier` (blocking); it takes traffic once this returns."""
+        return self._add_replicas(tier, 1, out)[0]
+
+    def remove_replica(self, handle: ReplicaHandle) -> None:
+        """Kill a replica that has been drained (the caller checked it is idle) and free its placement group."""
+        handle.state = "removed"
+        self.replicas(handle.tier).remove(handle)
+        _kill(handle)
+
+    def update_tier(self, tier: TierSection) -> None:
+        """Record the tier settings that replicas started from now on use (after `pdcluster apply`)."""
+        self.config = dataclasses.replace(self.config, **{tier.name: tier})
+
     def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
-        handles = [self._place(tier) for _ in range(count)]
-        for handle in handles:
+        handles = []
+        for _ in range(count):
+            handle = self._place(tier)
+            handle.section = tier
             self.replicas(tier.name).append(handle)
+            handles.append(handle)
         refs = {h.replica_id: self._start_actor(tier, h) for h in handles}
         deadline = time.monotonic() + START_TIMEOUT_S
         for handle in handles:
@@ -186,14 +205,18 @@ class Deployment:
     def shutdown(self) -> None:
         """Kill every actor and free its placement group. Safe to call twice."""
         for handle in self.prefill + self.decode:
-            try:
-                if handle.actor is not None:
-                    ray.kill(handle.actor, no_restart=True)
-            except Exception:  # already dead
-                pass
-            try:
-                remove_placement_group(handle.placement_group)
-            except Exception:
-                pass
+            _kill(handle)
         self.prefill, self.decode = [], []
+
+
+def _kill(handle: ReplicaHandle) -> None:
+    try:
+        if handle.actor is not None:
+            ray.kill(handle.actor, no_restart=True)
+    except Exception:  # already dead
+        pass
+    try:
+        remove_placement_group(handle.placement_group)
+    except Exception:
+        pass
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from mesh.tokenizer import IncrementalDecoder
 from orchestrator.backend import Backend, BackendError, FinishEvent, RequestSpec, Timings, TokenEvent
 from orchestrator.client_status import StatusFormatError, status_to_proto
+from orchestrator.request_log import RequestRecord, outcome_for
 from orchestrator.stop_strings import StopStringMatcher
 from orchestrator.validation import ParsedRequest, RequestValidationError, check_prompt, parse_request, sampling_params
 from protos import generation_pb2, generation_pb2_grpc
@@ -39,10 +41,16 @@ _FINISH_REASON_ENUM = {
 
 
 class _RequestTrace:
-    """What the router learns about one request while relaying it, for the final message."""
+    """What the router learns about one request while relaying it, for the final message and the request record
+    (orchestrator/request_log.py) made when the call ends."""
 
-    def __init__(self, arrival_time: float) -> None:
+    def __init__(self, arrival_time: float, request_id: str = "") -> None:
         self.arrival_time = arrival_time  # time.perf_counter() when the call arrived
+        self.request_id = request_id
+        self.code = "OK"  # the gRPC status the client gets; set before aborting
+        self.error = ""
+        self.finish_reason: str | None = None
+        self.num_prompt_tokens = 0
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.num_first_event_tokens = 0
@@ -68,7 +76,10 @@ class _RequestTrace:
         self.decode_replica = decode_replica or self.decode_replica
         self.backend_timings = timings or self.backend_timings
 
-    def timings_proto(self) -> generation_pb2.Timings:
+    def fail(self, code_name: str, message: str) -> None:
+        self.code, self.error = code_name, message
+
+    def timings_ms(self) -> dict:
         end_time = time.perf_counter()
         ttft_ms = tpot_ms = 0.0
         if self.first_token_time is not None:
@@ -77,7 +88,7 @@ class _RequestTrace:
             if num_later_tokens > 0:
                 tpot_ms = (self.last_token_time - self.first_token_time) * 1e3 / num_later_tokens
         backend = self.backend_timings
-        return generation_pb2.Timings(
+        return dict(
             queue_ms=backend.queue_s * 1e3,
             prefill_ms=backend.prefill_s * 1e3,
             kv_transfer_ms=backend.kv_transfer_s * 1e3,
@@ -87,10 +98,23 @@ class _RequestTrace:
             kv_bytes=backend.kv_bytes,
         )
 
+    def timings_proto(self) -> generation_pb2.Timings:
+        return generation_pb2.Timings(**self.timings_ms())
+
+    def record(self) -> RequestRecord:
+        return RequestRecord(
+            request_id=self.request_id, outcome=outcome_for(self.code, self.finish_reason), code=self.code,
+            error=self.error, prefill_replica=self.prefill_replica, decode_replica=self.decode_replica,
+            prompt_tokens=self.num_prompt_tokens, completion_tokens=self.num_completion_tokens,
+            end_time=time.time(), **self.timings_ms(),
+        )
+
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, backend: Backend, tokenizer, *, max_inflight: int, max_prompt_tokens: int | None) -> None:
+    def __init__(self, backend: Backend, tokenizer, *, max_inflight: int, max_prompt_tokens: int | None,
+                 on_request_done: Callable[[RequestRecord], None] | None = None) -> None:
         self._backend = backend
+        self._on_request_done = on_request_done
         self._tokenizer = tokenizer
         self._max_inflight = max_inflight
         self._max_prompt_tokens = max_prompt_tokens
@@ -103,26 +127,52 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # A coroutine writing with context.write (not an async generator): a client cancel or deadline then raises
     # CancelledError inside this task at whatever it awaits, so every finally below runs at once.
     async def Generate(self, request, context) -> None:
-        arrival_time = time.perf_counter()
+        trace = _RequestTrace(time.perf_counter(), request_id=request.request_id)
+        try:
+            await self._generate(request, context, trace)
+        except asyncio.CancelledError:  # grpc cancels this task when the client goes away or the deadline passes
+            time_remaining = context.time_remaining()
+            is_late = time_remaining is not None and time_remaining <= 0
+            trace.fail("DEADLINE_EXCEEDED" if is_late else "CANCELLED", "deadline passed" if is_late else "client cancelled")
+            raise
+        except BaseException as error:
+            if trace.code == "OK":  # not one of our aborts
+                trace.fail("UNKNOWN", f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            self._report(trace)
+
+    def _report(self, trace: _RequestTrace) -> None:
+        if self._on_request_done is None:
+            return
+        try:
+            self._on_request_done(trace.record())
+        except Exception:  # metrics or logging must never fail a request
+            logger.exception("request %s: on_request_done failed", trace.request_id)
+
+    async def _generate(self, request, context, trace: _RequestTrace) -> None:
         model_info = self._backend.model_info
         try:
             parsed = parse_request(request, model_info)
         except RequestValidationError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await _abort(context, trace, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         # Admission: no await between the check and the add, so the count cannot be overtaken.
         if self.num_inflight >= self._max_inflight:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"router at capacity: {self.num_inflight} requests in flight")
+            await _abort(context, trace, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"router at capacity: {self.num_inflight} requests in flight")
         request_id = parsed.request_id or uuid.uuid4().hex
+        trace.request_id = request_id
         if request_id in self._inflight_request_ids:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
+            await _abort(context, trace, grpc.StatusCode.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
         self._inflight_request_ids.add(request_id)
         try:
-            spec = await self._make_spec(request_id, parsed, context)
-            await self._relay(spec, context, _RequestTrace(arrival_time))
+            spec = await self._make_spec(request_id, parsed, context, trace)
+            trace.num_prompt_tokens = len(spec.prompt_token_ids)
+            await self._relay(spec, context, trace)
         finally:
             self._inflight_request_ids.discard(request_id)
 
-    async def _make_spec(self, request_id: str, parsed: ParsedRequest, context) -> RequestSpec:
+    async def _make_spec(self, request_id: str, parsed: ParsedRequest, context, trace: _RequestTrace) -> RequestSpec:
         """Tokenize and finish validation (the checks that need the prompt's length)."""
         model_info = self._backend.model_info
         if parsed.prompt is not None:
@@ -131,14 +181,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 prompt_token_ids = await asyncio.to_thread(self._tokenizer.encode, parsed.prompt)
             except Exception as error:
                 logger.exception("request %s: tokenizer failed", request_id)
-                await context.abort(grpc.StatusCode.INTERNAL, f"tokenizing the prompt failed: {type(error).__name__}: {error}")
+                await _abort(context, trace, grpc.StatusCode.INTERNAL,
+                             f"tokenizing the prompt failed: {type(error).__name__}: {error}")
         else:
             prompt_token_ids = parsed.token_ids
         try:
             check_prompt(parsed, prompt_token_ids, model_info, self._max_prompt_tokens)
             params = sampling_params(parsed, len(prompt_token_ids), model_info)
         except RequestValidationError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await _abort(context, trace, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         time_remaining = context.time_remaining()
         return RequestSpec(
             request_id=request_id,
@@ -175,10 +226,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 raise RuntimeError("backend stream ended without a FinishEvent")
         except BackendError as error:
             logger.info("request %s: backend error %s: %s", spec.request_id, error.code.name, error.message)
-            await context.abort(error.code, error.message)
+            await _abort(context, trace, error.code, error.message)
         except Exception as error:
             logger.exception("request %s: failed while generating", spec.request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {spec.request_id} failed: {type(error).__name__}: {error}")
+            await _abort(context, trace, grpc.StatusCode.INTERNAL,
+                         f"request {spec.request_id} failed: {type(error).__name__}: {error}")
         finally:
             # Cancels the request downstream unless it finished. Before the final message goes out, so that a
             # client reading it can count on the backend having let go of the request.
@@ -191,6 +243,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 finish_reason = "stop"
             else:
                 tail_text += stop_matcher.flush()
+        trace.finish_reason = finish_reason
         logger.debug(
             "request %s: finish=%s prompt=%d completion=%d backend_ttft=%.1fms", spec.request_id, finish_reason,
             len(spec.prompt_token_ids), trace.num_completion_tokens, trace.backend_timings.ttft_s * 1e3,
@@ -221,6 +274,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"backend status failed: {type(error).__name__}: {error}")
 
 
+async def _abort(context, trace: _RequestTrace, code: grpc.StatusCode, message: str) -> None:
+    """Ends the call with `code` (raises), noting it for the request record first."""
+    trace.fail(code.name, message)
+    await context.abort(code, message)
+
+
 async def _close_stream(stream) -> None:
     aclose = getattr(stream, "aclose", None)  # async generators have it; a bare AsyncIterator may not
     if aclose is not None:
@@ -230,8 +289,10 @@ async def _close_stream(stream) -> None:
 class RouterServer:
     """One gRPC server: Generation + grpc.health.v1.Health on host:port."""
 
-    def __init__(self, servicer: GenerationServicer, *, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(self, servicer: GenerationServicer, *, host: str, port: int, max_message_bytes: int,
+                 extra_services=()) -> None:
         self._servicer = servicer
+        self._extra_services = tuple(extra_services)  # callables(server) that add more servicers (Admin)
         self._address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
         self._server: grpc.aio.Server | None = None
@@ -258,6 +319,8 @@ class RouterServer:
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for add_service in self._extra_services:
+            add_service(server)
         try:
             port = server.add_insecure_port(self._address)
         except RuntimeError as error:
@@ -301,8 +364,12 @@ def build_server(
     max_inflight: int,
     max_message_bytes: int,
     max_prompt_tokens: int | None = None,
+    extra_services=(),
+    on_request_done: Callable[[RequestRecord], None] | None = None,
 ) -> RouterServer:
-    """The router over `backend`; `tokenizer` follows mesh/tokenizer.py (encode, decode; IncrementalDecoder)."""
+    """The router over `backend`; `tokenizer` follows mesh/tokenizer.py (encode, decode; IncrementalDecoder).
+    `on_request_done(record)` is called on the router's event loop once per Generate call when it ends, whatever
+    ended it (it must be quick and not block: metrics, one log line)."""
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in [0, 65535], got {port}")
     if max_inflight < 1:
@@ -311,5 +378,7 @@ def build_server(
         raise ValueError(f"max_message_bytes must be >= 1024, got {max_message_bytes}")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {max_prompt_tokens}")
-    servicer = GenerationServicer(backend, tokenizer, max_inflight=max_inflight, max_prompt_tokens=max_prompt_tokens)
-    return RouterServer(servicer, host=host, port=port, max_message_bytes=max_message_bytes)
+    servicer = GenerationServicer(backend, tokenizer, max_inflight=max_inflight, max_prompt_tokens=max_prompt_tokens,
+                                  on_request_done=on_request_done)
+    return RouterServer(servicer, host=host, port=port, max_message_bytes=max_message_bytes,
+                        extra_services=extra_services)

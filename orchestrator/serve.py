@@ -47,13 +47,20 @@ class RunningCluster:
             self._server = build_server(self.backend, tokenizer, host=router.host, port=router.port,
                                         max_inflight=router.max_inflight,
                                         max_message_bytes=router.max_message_bytes,
-                                        max_prompt_tokens=router.max_prompt_tokens)
+                                        max_prompt_tokens=router.max_prompt_tokens,
+                                        extra_services=[self._add_admin])
             self.port = self._call(self._server.start())
         except BaseException:
             self.stop()
             raise
         print(f"pdcluster: router listening on {self.address} (model {self.config.model.name})", file=out, flush=True)
         return self
+
+    def _add_admin(self, server) -> None:
+        from orchestrator.apply import AdminServicer
+        from protos import admin_pb2_grpc
+
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.backend), server)
 
     def _call(self, coro, timeout: float | None = 60.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

@@ -50,3 +50,14 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
         cut = next((i for i, t in enumerate(new) if t in eos), len(new))
         outputs.append(new[:cut])
     return outputs
+
+
+def config_yaml(config) -> str:
+    """A validated ClusterConfig back as cluster.yaml text (what a user would edit and `pdcluster apply`)."""
+    import yaml
+
+    raw = dataclasses.asdict(config)
+    raw.pop("source", None)
+    for tier in ("prefill", "decode"):
+        raw[tier].pop("name", None)
+    return yaml.safe_dump(raw, sort_keys=False)

@@ -29,8 +29,10 @@ log = logging.getLogger("pdcluster.cluster")
 
 
 class ClusterBackend:
-    def __init__(self, deployment: Deployment):
+    def __init__(self, deployment: Deployment, *, metrics=None):
+        """metrics: an orchestrator.metrics.ClusterMetrics, or None; counts each request on every replica it used."""
         self.deployment = deployment
+        self.metrics = metrics
         config = deployment.config
         model_config = ModelConfig.from_dir(config.model.path)
         self._model_info = ModelInfo(
@@ -90,10 +92,14 @@ class ClusterBackend:
         prefill = self._pick_prefill()
         prefill_pending = True
         self._bump(prefill, +1)
+        outcome = "cancelled"  # for the metrics: unless it finishes or fails below (router stopped listening)
+        used_replicas: list[ReplicaHandle] = []  # for the metrics: the replicas this request reached
         try:
             if params.max_tokens > 1:
                 decode, reservation = await self._reserve(spec)
                 self._bump(decode, +1)
+                used_replicas.append(decode)
+            used_replicas.append(prefill)
             try:
                 result = await prefill.actor.prefill.remote(spec.request_id, spec.prompt_token_ids, params,
                                                             reservation)
@@ -110,10 +116,12 @@ class ClusterBackend:
                             decode_replica=decode.replica_id if decode else "")
             ends_here = self._finishes(first, params)
             if ends_here == "stop":  # the stop token itself is not part of the output
+                outcome = "finished"
                 yield FinishEvent(finish_reason="stop", timings=Timings(**timings), **replicas)
                 return
             yield TokenEvent([first], timings=Timings(**timings), **replicas)
             if ends_here or decode is None:
+                outcome = "finished"
                 yield FinishEvent(finish_reason="length", timings=Timings(**timings), **replicas)
                 return
             num_tokens = 1
@@ -137,8 +145,15 @@ class ClusterBackend:
             if finish_reason == "error":
                 raise BackendError(grpc.StatusCode.INTERNAL, f"decode replica {decode.replica_id} failed a step")
             timings["tpot_s"] = (time.monotonic() - prefill_done) / max(1, num_tokens - 1)
+            outcome = "finished"
             yield FinishEvent(finish_reason=finish_reason, timings=Timings(**timings), **replicas)
+        except Exception:
+            outcome = "error"
+            raise
         finally:
+            if self.metrics is not None:
+                for handle in used_replicas:
+                    self.metrics.count_replica_request(handle.tier, handle.replica_id, outcome)
             # Whatever ended the request (finish, stop string, client gone, failure), nothing may stay held.
             if prefill_pending:
                 self._bump(prefill, -1)
@@ -189,6 +204,17 @@ class ClusterBackend:
                     "kv_blocks": {"num_free": int(stat.get("num_free_blocks", 0)),
                                   "num_total": int(stat.get("num_total_blocks", 0))},
                 })
+        return result
+
+    async def replica_stats(self) -> dict[str, list[dict]]:
+        """Every replica's own counters, for the metrics poller (orchestrator/metrics.py): per tier a list of
+        {"id", "state", "stats"}, stats being the replica's get_stats() dict, or {} if it did not answer."""
+        result = {}
+        for tier in ("prefill", "decode"):
+            handles = list(self.deployment.replicas(tier))
+            stats = await asyncio.gather(*(_stats(h) for h in handles))
+            result[tier] = [{"id": h.replica_id, "state": h.state if s is not None else "dead", "stats": s or {}}
+                            for h, s in zip(handles, stats)]
         return result
 
 

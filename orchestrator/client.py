@@ -17,6 +17,7 @@ Errors surface as PdclusterError with the gRPC status code (INVALID_ARGUMENT nam
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -181,6 +182,100 @@ _HEALTH_CHECK_METHOD = "/grpc.health.v1.Health/Check"
 _SERVING = 1
 
 
+@dataclass(frozen=True)
+class _Connection:
+    """How to reach the router: plaintext or TLS (optionally with a client certificate), and a bearer token."""
+
+    address: str
+    token: str | None = None
+    root_certificates: bytes | None = None  # PEM of the CA that signed the router's certificate; TLS when set
+    client_cert: bytes | None = None  # PEM; with client_key, for mutual TLS
+    client_key: bytes | None = None
+
+    @classmethod
+    def make(cls, address, token, tls_ca, tls_cert, tls_key) -> "_Connection":
+        def read(path):
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        if tls_cert is not None and tls_ca is None:
+            raise ValueError("mutual TLS needs tls_ca (the CA of the router's certificate) too")
+        return cls(address, token, read(tls_ca), read(tls_cert), read(tls_key))
+
+    def _credentials(self):
+        return grpc.ssl_channel_credentials(self.root_certificates, self.client_key, self.client_cert)
+
+    def _auth(self):
+        return _AuthInterceptor(self.token) if self.token else None
+
+    def channel(self) -> grpc.Channel:
+        if self.root_certificates is not None:
+            channel = grpc.secure_channel(self.address, self._credentials())
+        else:
+            channel = grpc.insecure_channel(self.address)
+        auth = self._auth()
+        return grpc.intercept_channel(channel, auth) if auth else channel
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        auth = self._auth()
+        interceptors = [_AsyncAuthInterceptor(self.token), _AsyncAuthStreamInterceptor(self.token)] if auth else None
+        if self.root_certificates is not None:
+            return grpc.aio.secure_channel(self.address, self._credentials(), interceptors=interceptors)
+        return grpc.aio.insecure_channel(self.address, interceptors=interceptors)
+
+
+def _with_token(details, token: str):
+    metadata = list(details.metadata or ()) + [("authorization", f"Bearer {token}")]
+    return _Details(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+                    getattr(details, "compression", None))
+
+
+class _Details(
+    collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials", "wait_for_ready",
+                                        "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _AuthInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(_with_token(details, self._token), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(_with_token(details, self._token), request)
+
+
+class _AsyncAuthInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_aio_token(details, self._token), request)
+
+
+class _AsyncAuthStreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self._token = token
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_aio_token(details, self._token), request)
+
+
+def _with_aio_token(details, token: str):
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add("authorization", f"Bearer {token}")
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
+
+
 class Client:
     """Blocking client. Thread-safe; one channel, replaced only when a retry reconnects.
 
@@ -189,7 +284,11 @@ class Client:
     connection; a Generate is retried only if no message had arrived yet, so the caller never sees a token twice.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, retries: int = 0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, retries: int = 0,
+                 token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        """token: bearer token when the router has authentication on. tls_ca: PEM file of the CA that signed
+        the router's certificate (turns TLS on); tls_cert + tls_key: this client's certificate (mutual TLS)."""
         if not address:
             raise ValueError("address must be HOST:PORT, got an empty string")
         if timeout is not None and timeout <= 0:
@@ -199,8 +298,9 @@ class Client:
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self._connection = _Connection.make(address, token, tls_ca, tls_cert, tls_key)
         self._lock = threading.Lock()
-        self._channel = grpc.insecure_channel(address)
+        self._channel = self._connection.channel()
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
     def generate(
@@ -304,7 +404,7 @@ class Client:
         # A fresh channel dials at once instead of waiting out the old one's reconnect backoff. The old one is
         # not closed: closing would cancel other threads' calls on it; it is released when they finish.
         with self._lock:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = self._connection.channel()
             self._stub = generation_pb2_grpc.GenerationStub(self._channel)
 
 
@@ -315,7 +415,9 @@ class AsyncClient:
     `contextlib.aclosing(...)` to cancel the request at once.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, retries: int = 0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float | None = None, retries: int = 0,
+                 token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         if not address:
             raise ValueError("address must be HOST:PORT, got an empty string")
         if timeout is not None and timeout <= 0:
@@ -325,6 +427,7 @@ class AsyncClient:
         self.address = address
         self.timeout = timeout
         self.retries = retries
+        self._connection = _Connection.make(address, token, tls_ca, tls_cert, tls_key)
         self._channel: grpc.aio.Channel | None = None  # made on first use, inside the caller's event loop
         self._stub: generation_pb2_grpc.GenerationStub | None = None
 
@@ -405,7 +508,7 @@ class AsyncClient:
 
     def _get_stub(self) -> generation_pb2_grpc.GenerationStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
+            self._channel = self._connection.aio_channel()
             self._stub = generation_pb2_grpc.GenerationStub(self._channel)
         return self._stub
 
@@ -415,5 +518,5 @@ class AsyncClient:
     async def _reconnect(self, attempt: int) -> None:
         await asyncio.sleep(_backoff_s(attempt))
         # Same reasoning as Client._reconnect: a fresh channel, the old one left to the calls still on it.
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = self._connection.aio_channel()
         self._stub = generation_pb2_grpc.GenerationStub(self._channel)

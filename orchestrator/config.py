@@ -42,6 +42,12 @@ class RouterSection:
     max_inflight: int = 256  # admission limit: more concurrent requests get RESOURCE_EXHAUSTED
     max_message_bytes: int = 4 * 1024 * 1024
     max_prompt_tokens: int | None = None  # None: the model's context
+    max_streams_per_client: int | None = None  # concurrent Generate streams per client address (None: no limit)
+    max_retries: int = 2  # a request whose replica fails is retried on another one this many times
+    tokens_file: str | None = None  # bearer tokens with roles (see orchestrator/security.py); None: no auth
+    tls_cert: str | None = None  # PEM files; cert + key turn TLS on
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # clients must present a certificate signed by this CA (mutual TLS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +78,7 @@ class TierSection:
     num_kv_blocks: int = 1024
     block_size: int = 16
     max_num_seqs: int = 64
+    max_restarts: int = 3  # Ray restarts a dead replica this many times
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,7 +239,7 @@ def _parse_logging(raw: dict) -> LoggingSection:
 def _parse_tier(raw: dict, name: str) -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
-               "num_kv_blocks", "block_size", "max_num_seqs")
+               "num_kv_blocks", "block_size", "max_num_seqs", "max_restarts")
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -253,8 +260,38 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
         num_kv_blocks=_int(raw, "num_kv_blocks", p, 1024, minimum=1),
         block_size=_int(raw, "block_size", p, 16, minimum=1),
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
+        max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),
     )
     return tier
+
+
+def _path(section: dict, key: str, prefix: str, base_dir: Path | None) -> str | None:
+    value = _str(section, key, prefix, None)
+    if value is None:
+        return None
+    value = os.path.expanduser(value)
+    if not os.path.isabs(value) and base_dir is not None:
+        value = str((base_dir / value).resolve())
+    return value
+
+
+def _parse_router_security(router_raw: dict, base_dir: Path | None) -> dict:
+    auth = _section(router_raw, "auth", "router.")
+    _reject_unknown(auth, ("tokens_file",), "router.auth.")
+    tls = _section(router_raw, "tls", "router.")
+    _reject_unknown(tls, ("cert", "key", "client_ca"), "router.tls.")
+    fields = {
+        "tokens_file": _path(auth, "tokens_file", "router.auth.", base_dir),
+        "tls_cert": _path(tls, "cert", "router.tls.", base_dir),
+        "tls_key": _path(tls, "key", "router.tls.", base_dir),
+        "tls_client_ca": _path(tls, "client_ca", "router.tls.", base_dir),
+    }
+    if bool(fields["tls_cert"]) != bool(fields["tls_key"]):
+        missing = "key" if fields["tls_cert"] else "cert"
+        raise ConfigError(f"router.tls.{missing}", "TLS needs both cert and key (PEM files)")
+    if fields["tls_client_ca"] and not fields["tls_cert"]:
+        raise ConfigError("router.tls.client_ca", "mutual TLS needs the server's cert and key too")
+    return fields
 
 
 def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") -> ClusterConfig:
@@ -282,7 +319,8 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     )
 
     router_raw = _section(raw, "router")
-    _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens"),
+    _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens",
+                                 "max_streams_per_client", "max_retries", "auth", "tls"),
                     "router.")
     port = _int(router_raw, "port", "router.", 50051, minimum=0)
     if port > 65535:
@@ -294,6 +332,9 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         max_inflight=_int(router_raw, "max_inflight", "router.", 256, minimum=1),
         max_message_bytes=_int(router_raw, "max_message_bytes", "router.", 4 * 1024 * 1024, minimum=1024),
         max_prompt_tokens=_int(router_raw, "max_prompt_tokens", "router.", None, minimum=1),
+        max_streams_per_client=_int(router_raw, "max_streams_per_client", "router.", None, minimum=1),
+        max_retries=_int(router_raw, "max_retries", "router.", 2, minimum=0),
+        **_parse_router_security(router_raw, base_dir),
     )
 
     kv_raw = _section(raw, "kv_transfer")

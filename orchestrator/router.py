@@ -290,8 +290,10 @@ class RouterServer:
     """One gRPC server: Generation + grpc.health.v1.Health on host:port."""
 
     def __init__(self, servicer: GenerationServicer, *, host: str, port: int, max_message_bytes: int,
-                 extra_services=()) -> None:
+                 extra_services=(), interceptors=(), credentials: grpc.ServerCredentials | None = None) -> None:
         self._servicer = servicer
+        self._interceptors = tuple(interceptors)  # e.g. bearer-token auth, per-client stream limits
+        self._credentials = credentials  # TLS; None listens in plaintext
         self._extra_services = tuple(extra_services)  # callables(server) that add more servicers (Admin)
         self._address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         self._max_message_bytes = max_message_bytes
@@ -309,6 +311,7 @@ class RouterServer:
             raise RuntimeError("RouterServer.start() called twice")
         # Created here, not in __init__, so the server belongs to the event loop that runs it.
         server = grpc.aio.server(
+            interceptors=self._interceptors,
             options=[
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.max_send_message_length", self._max_message_bytes),
@@ -322,7 +325,10 @@ class RouterServer:
         for add_service in self._extra_services:
             add_service(server)
         try:
-            port = server.add_insecure_port(self._address)
+            if self._credentials is not None:
+                port = server.add_secure_port(self._address, self._credentials)
+            else:
+                port = server.add_insecure_port(self._address)
         except RuntimeError as error:
             raise OSError(f"router cannot listen on {self._address}: {error}") from error
         if port == 0:  # older grpc reports a failed bind this way
@@ -366,6 +372,8 @@ def build_server(
     max_prompt_tokens: int | None = None,
     extra_services=(),
     on_request_done: Callable[[RequestRecord], None] | None = None,
+    interceptors=(),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RouterServer:
     """The router over `backend`; `tokenizer` follows mesh/tokenizer.py (encode, decode; IncrementalDecoder).
     `on_request_done(record)` is called on the router's event loop once per Generate call when it ends, whatever
@@ -381,4 +389,4 @@ def build_server(
     servicer = GenerationServicer(backend, tokenizer, max_inflight=max_inflight, max_prompt_tokens=max_prompt_tokens,
                                   on_request_done=on_request_done)
     return RouterServer(servicer, host=host, port=port, max_message_bytes=max_message_bytes,
-                        extra_services=extra_services)
+                        extra_services=extra_services, interceptors=interceptors, credentials=credentials)

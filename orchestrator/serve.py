@@ -14,6 +14,7 @@ import threading
 from mesh.tokenizer import load_tokenizer
 from orchestrator.config import ClusterConfig
 from orchestrator.deploy import Deployment
+from orchestrator.security import router_security
 
 
 class RunningCluster:
@@ -36,11 +37,12 @@ class RunningCluster:
         from orchestrator.cluster import ClusterBackend
         from orchestrator.router import build_server
 
+        router = self.config.router
+        interceptors, credentials = router_security(router)  # a bad tokens or TLS file fails before deploying
         self.deployment = Deployment.start(self.config, out=out)
         try:
             self.backend = ClusterBackend(self.deployment)
             tokenizer = load_tokenizer(self.config.model.path)
-            router = self.config.router
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="pdcluster-router", daemon=True)
             self._thread.start()
@@ -48,7 +50,8 @@ class RunningCluster:
                                         max_inflight=router.max_inflight,
                                         max_message_bytes=router.max_message_bytes,
                                         max_prompt_tokens=router.max_prompt_tokens,
-                                        extra_services=[self._add_admin])
+                                        extra_services=[self._add_admin],
+                                        interceptors=interceptors, credentials=credentials)
             self.port = self._call(self._server.start())
         except BaseException:
             self.stop()

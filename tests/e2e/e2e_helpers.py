@@ -60,4 +60,11 @@ def config_yaml(config) -> str:
     raw.pop("source", None)
     for tier in ("prefill", "decode"):
         raw[tier].pop("name", None)
+    router = raw["router"]
+    auth = {"tokens_file": router.pop("tokens_file")}
+    tls = {k: router.pop(f"tls_{k}") for k in ("cert", "key", "client_ca")}
+    if auth["tokens_file"]:
+        router["auth"] = auth
+    if tls["cert"]:
+        router["tls"] = {k: v for k, v in tls.items() if v}
     return yaml.safe_dump(raw, sort_keys=False)

@@ -21,14 +21,15 @@ def byte_tokenizer() -> ByteTokenizer:
 
 class RunningRouter:
     def __init__(self, backend: FakeBackend | None = None, *, port: int = 0, max_inflight: int = 8,
-                 max_message_bytes: int = 64 * 1024, max_prompt_tokens: int | None = None) -> None:
+                 max_message_bytes: int = 64 * 1024, max_prompt_tokens: int | None = None,
+                 **server_options) -> None:
         self.backend = backend or FakeBackend()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="test-router", daemon=True)
         self._thread.start()
         self.server = build_server(self.backend, byte_tokenizer(), host="127.0.0.1", port=port,
                                    max_inflight=max_inflight, max_message_bytes=max_message_bytes,
-                                   max_prompt_tokens=max_prompt_tokens)
+                                   max_prompt_tokens=max_prompt_tokens, **server_options)
         try:
             self.port = self.call(self.server.start())
         except BaseException:

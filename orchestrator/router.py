@@ -239,10 +239,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         tail_text = ""
         if not stop_matcher.is_stopped:  # the backend finished: release held-back text (a stop string may still match)
             tail_text = stop_matcher.push(decoder.flush())
+            if not stop_matcher.is_stopped:
+                tail_text += stop_matcher.flush()  # may still end on a stop string it was holding back
             if stop_matcher.is_stopped:
                 finish_reason = "stop"
-            else:
-                tail_text += stop_matcher.flush()
         trace.finish_reason = finish_reason
         logger.debug(
             "request %s: finish=%s prompt=%d completion=%d backend_ttft=%.1fms", spec.request_id, finish_reason,

@@ -30,22 +30,33 @@ class StopStringMatcher:
         # A match cannot start before the held tail: anything earlier was released because no stop string
         # could start there.
         window = self._held + text
-        match_starts = [start for stop in self._stops if (start := window.find(stop)) >= 0]
-        if match_starts:
+        first_match = self._first_match(window)
+        start_of_tail = len(window) - self._num_chars_to_hold(window)
+        if first_match is not None and start_of_tail >= first_match:
             self.is_stopped = True
             self._held = ""
-            return window[: min(match_starts)]
-        num_held = self._num_chars_to_hold(window)
-        self._held = window[len(window) - num_held :]
-        return window[: len(window) - num_held]
+            return window[:first_match]
+        # Either no stop string completed, or one did but another one that starts earlier may still complete
+        # with more text ("baa" vs "a" on "ba"): the first occurrence wins, so hold from the earliest candidate.
+        self._held = window[start_of_tail:]
+        return window[:start_of_tail]
 
     def flush(self) -> str:
-        """The stream ended without a stop string: the held tail is plain text after all."""
+        """The stream ended: the held tail is text, up to a stop string it may hold (then is_stopped is set)."""
         held, self._held = self._held, ""
+        first_match = self._first_match(held)
+        if first_match is not None:
+            self.is_stopped = True
+            return held[:first_match]
         return held
 
+    def _first_match(self, window: str) -> int | None:
+        starts = [start for stop in self._stops if (start := window.find(stop)) >= 0]
+        return min(starts) if starts else None
+
     def _num_chars_to_hold(self, window: str) -> int:
-        # The longest suffix of the window that is a proper prefix of some stop string.
+        # The longest suffix of the window that is a proper prefix of some stop string: where the earliest stop
+        # string that has not completed yet could still start.
         for num_chars in range(min(len(window), self._max_held_chars), 0, -1):
             suffix = window[-num_chars:]
             if any(stop.startswith(suffix) for stop in self._stops):

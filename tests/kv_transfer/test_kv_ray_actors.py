@@ -69,11 +69,13 @@ class PrefillSide:
 
 
 @pytest.mark.slow
-def test_ucx_between_two_ray_async_actors():
+def test_ucx_between_two_ray_async_actors(ray_local):
+    # The session shares one local Ray (tests/conftest.py); these actors also import this test folder's helpers.
     pythonpath = os.pathsep.join([REPO_ROOT, HERE, os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    env = {"env_vars": {"PYTHONPATH": pythonpath}}
+    decode = DecodeSide.options(runtime_env=env).remote()
+    prefill = PrefillSide.options(runtime_env=env).remote()
     try:
-        decode, prefill = DecodeSide.remote(), PrefillSide.remote()
         ray.get(decode.start.remote(), timeout=60)
         blocks, num_tokens = [5, 6, 1, 20, 21], 18
         info = ray.get(decode.reserve.remote("r1", blocks, num_tokens), timeout=30)
@@ -83,4 +85,5 @@ def test_ucx_between_two_ray_async_actors():
         assert ray.get(decode.landed_exactly.remote(blocks, num_tokens, 3), timeout=30)
         ray.get(decode.close.remote(), timeout=30)
     finally:
-        ray.shutdown()
+        ray.kill(decode)
+        ray.kill(prefill)

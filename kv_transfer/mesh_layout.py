@@ -13,11 +13,13 @@ Rank layout (the one `mesh.parallel.MeshShape` defines): axes (pp, cp, tp), tp f
   is replicated on tp / H consecutive ranks and rank t holds head t // (tp / H) (`mesh.model.Attention`'s rule).
 - Tokens (prefill CP): one sequence of `num_tokens` tokens (no cached prefix) is split into 2N equal chunks,
   padded at the end, and CP rank i holds chunks i and 2N-1-i (`mesh.cp_sharding.shard_plan`). Its local K/V rows,
-  as the model emits them, are chunk i then chunk 2N-1-i, padding rows included.
+  as the model's layer hook emits them, are chunk i then chunk 2N-1-i, padding rows included. With cp = 1 nothing
+  is sharded: row p is token p.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import NamedTuple
@@ -115,9 +117,19 @@ class PrefillLayout:
         return tp_head_holders(self.num_kv_heads, self.tp, head)
 
     def num_local_rows(self, num_tokens: int) -> int:
-        """Rows of every CP rank's local K/V for one sequence of `num_tokens` tokens (padding included)."""
+        """Rows of every CP rank's local K/V for one sequence of `num_tokens` tokens (padding included; cp = 1
+        does not shard, so no padding)."""
         _check_positive("num_tokens", num_tokens)
-        return 2 * -(-num_tokens // (2 * self.cp))
+        return num_tokens if self.cp == 1 else 2 * -(-num_tokens // (2 * self.cp))
+
+    def packed_row_starts(self, query_lens: Sequence[int]) -> list[int]:
+        """Where each sequence's rows begin in a packed step's local K/V (the same on every rank): slice
+        `kv[start:start + num_local_rows(T)]` to get one sequence's rows for `kv_transfer.plan.pack`."""
+        starts, total = [], 0
+        for num_tokens in query_lens:
+            starts.append(total)
+            total += self.num_local_rows(num_tokens)
+        return starts
 
     def token_positions(self, rank: int, num_tokens: int) -> torch.Tensor:
         """Position of each local K/V row of `rank` for one sequence (PADDING = -1 on padding rows), int64."""
@@ -172,8 +184,11 @@ class DecodeLayout:
 
 @lru_cache(maxsize=256)
 def _cp_positions(num_tokens: int, cp: int, cp_rank: int) -> torch.Tensor:
-    # Delegates to the model's own sharding rule so the two can never drift apart. Cached: plans for the same
-    # prompt length on the same mesh are common; callers get a clone or a derived tuple, never this tensor.
+    # Delegates to the model's own sharding rule so the two can never drift apart; cp = 1 does not shard (the
+    # model emits the sequence's rows in order, unpadded). Cached: plans for the same prompt length on the same
+    # mesh are common; callers get a clone or a derived tuple, never this tensor.
+    if cp == 1:
+        return torch.arange(num_tokens, dtype=torch.long)
     return shard_plan([num_tokens], cp).token_indices[cp_rank]
 
 

@@ -87,10 +87,11 @@ def test_token_runs_describe_the_cp_shard_rows(cp, num_tokens):
     seen = []
     for cp_rank in range(cp):
         rank = layout.rank_of(pp=0, cp=cp_rank, tp=1)
-        local = shard(x, cp_plan, cp_rank)
+        # cp = 1 does not shard at all: the model emits the sequence's rows in order, unpadded.
+        local = shard(x, cp_plan, cp_rank) if cp > 1 else x
         assert local.shape[0] == layout.num_local_rows(num_tokens)
         positions = layout.token_positions(rank, num_tokens)
-        assert torch.equal(positions, cp_plan.token_indices[cp_rank])
+        assert torch.equal(positions, cp_plan.token_indices[cp_rank] if cp > 1 else torch.arange(num_tokens))
         runs = layout.token_runs(rank, num_tokens)
         assert len(runs) <= 2
         covered_rows = []
@@ -103,6 +104,27 @@ def test_token_runs_describe_the_cp_shard_rows(cp, num_tokens):
         # Every real row is in a run, every other row is padding.
         assert sorted(covered_rows) == torch.nonzero(positions != PADDING).flatten().tolist()
     assert sorted(seen) == list(range(num_tokens))
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_packed_row_starts_locate_each_sequence_in_a_packed_step(cp):
+    layout = PrefillLayout(num_layers=1, num_kv_heads=1, cp=cp)
+    query_lens = [5, 1, 12, 7]
+    starts = layout.packed_row_starts(query_lens)
+    if cp == 1:
+        assert starts == [0, 5, 6, 18]
+        return
+    cp_plan = shard_plan(query_lens, cp)
+    seq_starts = [0, 5, 6, 18]
+    for cp_rank in range(cp):
+        assert starts[-1] + layout.num_local_rows(query_lens[-1]) == cp_plan.num_local_tokens
+        for seq, (start, num_tokens) in enumerate(zip(starts, query_lens)):
+            rows = slice(start, start + layout.num_local_rows(num_tokens))
+            seq_ids = cp_plan.seq_ids[cp_rank][rows]
+            assert set(seq_ids.tolist()) <= {seq, PADDING}
+            packed = cp_plan.token_indices[cp_rank][rows]
+            alone = layout.token_positions(cp_rank, num_tokens)
+            assert torch.equal(torch.where(packed == PADDING, PADDING, packed - seq_starts[seq]), alone)
 
 
 def test_adjacent_middle_chunks_form_one_run():

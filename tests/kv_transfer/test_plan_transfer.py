@@ -31,7 +31,11 @@ def prefill_rank_kv(full: torch.Tensor, src: PrefillLayout, rank: int) -> dict[i
     cp_plan = shard_plan([num_tokens], src.cp)
     cp_rank = src.coords(rank)["cp"]
     heads = src.head_range(rank)
-    return {layer: tuple(shard(full[layer, side, :, heads.start:heads.stop], cp_plan, cp_rank) for side in (0, 1))
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # cp = 1 does not shard: all rows, in order, unpadded
+        return shard(x, cp_plan, cp_rank) if src.cp > 1 else x.clone()
+
+    return {layer: tuple(rows(full[layer, side, :, heads.start:heads.stop]) for side in (0, 1))
             for layer in src.layer_range(rank)}
 
 

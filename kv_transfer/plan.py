@@ -99,7 +99,7 @@ class TransferPlan:
     num_tokens: int
     block_ids: tuple[int, ...]
     copies: tuple[Copy, ...]
-    _slots: dict = field(default_factory=dict, repr=False)  # (copy index, device) -> (blocks, rows); a memo
+    _slots: dict = field(default_factory=dict, init=False, repr=False)  # (copy index, device) -> (blocks, rows)
 
     def copies_from(self, src_rank: int) -> tuple[Copy, ...]:
         return tuple(c for c in self.copies if c.src_rank == src_rank)

@@ -8,6 +8,9 @@ Why aiohttp: one asyncio library that is both the HTTP server and gives plain co
 (server-sent events are just `await response.write(...)`), so the gateway shares the router's event loop with no
 ASGI server or extra thread; it is widely used and maintained.
 
+Authentication: the caller's `Authorization: Bearer <token>` (what the openai client sends as its api_key) is
+passed on to the router, which checks it against its tokens file as for any gRPC client (401 when it refuses).
+
 Errors have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad request (the router's
 INVALID_ARGUMENT message as it is), 404 for an unknown model or path, 429 for RESOURCE_EXHAUSTED, 503 for
 UNAVAILABLE. An error after a stream has started is sent as one last `data: {"error": ...}` event.
@@ -33,14 +36,19 @@ log = logging.getLogger("pdcluster.gateway")
 
 _MAX_BODY_BYTES = 16 * 1024 * 1024
 _REQUEST_ID_HEADER = "X-Request-Id"
+_MAX_TOKEN_CLIENTS = 32  # router connections kept for distinct bearer tokens; the oldest is closed beyond this
 
 
 class OpenAIGateway:
     def __init__(self, router_address: str, *, host: str = "127.0.0.1", port: int = 0, model_name: str | None = None,
-                 model_dir: str | None = None, max_context_len: int | None = None) -> None:
+                 model_dir: str | None = None, max_context_len: int | None = None,
+                 client_options: dict | None = None) -> None:
         """model_name / max_context_len: asked from the router's Status at start when not given. model_dir: where
-        tokenizer_config.json (chat template) is looked for; None = the role-prefixed chat format."""
+        tokenizer_config.json (chat template) is looked for; None = the role-prefixed chat format.
+        client_options: TLS options of orchestrator.client.AsyncClient (tls_ca, tls_cert, tls_key) for the router."""
         self._router_address = router_address
+        self._client_options = dict(client_options or {})
+        self._token_clients: dict[str, AsyncClient] = {}
         self._host, self._port = host, port
         self._model_name = model_name
         self._max_context_len = max_context_len
@@ -56,7 +64,7 @@ class OpenAIGateway:
 
     async def start(self) -> int:
         """Binds and serves on the running event loop; returns the bound port (useful with port 0)."""
-        self._client = AsyncClient(self._router_address)
+        self._client = AsyncClient(self._router_address, **self._client_options)
         if self._model_name is None or self._max_context_len is None:
             status = await self._client.status()
             self._model_name = self._model_name or status["model"]
@@ -83,9 +91,39 @@ class OpenAIGateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for client in [self._client, *self._token_clients.values()]:
+            if client is not None:
+                await client.close()
+        self._client, self._token_clients = None, {}
+
+    @contextlib.asynccontextmanager
+    async def _client_for(self, request: web.Request):
+        """The router connection that presents the caller's bearer token (or none). A new token's connection is
+        kept only once the router accepted a call with it, so unknown tokens never push known ones out."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            yield self._client
+            return
+        client = self._token_clients.get(token)
+        if client is not None:
+            yield client
+            return
+        client = AsyncClient(self._router_address, token=token, **self._client_options)
+        is_accepted = False
+        try:
+            yield client
+            is_accepted = True
+        except GatewayError as error:
+            is_accepted = error.status not in (401, 403)
+            raise
+        finally:
+            if not is_accepted:
+                await client.close()
+            elif token not in self._token_clients:
+                if len(self._token_clients) >= _MAX_TOKEN_CLIENTS:  # close the oldest (its calls are cancelled)
+                    await self._token_clients.pop(next(iter(self._token_clients))).close()
+                self._token_clients[token] = client
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(models_body(self._model_name, self._created, self._max_context_len))
@@ -107,8 +145,13 @@ class OpenAIGateway:
 
     async def _answer(self, request: web.Request, call: GenerateCall, *, is_chat: bool) -> web.StreamResponse:
         request_id = request.headers.get(_REQUEST_ID_HEADER) or uuid.uuid4().hex
+        async with self._client_for(request) as client:
+            return await self._relay(request, client, call, is_chat, request_id)
+
+    async def _relay(self, request: web.Request, client: AsyncClient, call: GenerateCall, is_chat: bool,
+                     request_id: str) -> web.StreamResponse:
         response_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{request_id}"
-        stream = self._client.generate(call.prompt, token_ids=call.token_ids, request_id=request_id, **call.options)
+        stream = client.generate(call.prompt, token_ids=call.token_ids, request_id=request_id, **call.options)
         # aclosing: however this handler ends (client gone, error), the gRPC call is cancelled at once.
         async with contextlib.aclosing(stream):
             try:

@@ -22,9 +22,9 @@ MODEL = "fake-model"
 class GatewayOverRouter:
     """A fake-backend router and a gateway in front of it, both on the router's background loop."""
 
-    def __init__(self, backend: FakeBackend | None = None, **router_options) -> None:
+    def __init__(self, backend: FakeBackend | None = None, *, gateway_options=None, **router_options) -> None:
         self.router = RunningRouter(backend, **router_options)
-        self.gateway = OpenAIGateway(self.router.address, port=0)
+        self.gateway = OpenAIGateway(self.router.address, port=0, **(gateway_options or {}))
         try:
             self.port = self.router.call(self.gateway.start())
         except BaseException:
@@ -213,3 +213,24 @@ def test_client_hanging_up_cancels_the_request_downstream():
         stream.close()
         wait_until(lambda: "gw-hangup" in backend.cancelled_request_ids, what="the backend to see the cancel")
         assert backend.num_open_requests == 0
+
+
+def test_bearer_token_is_passed_on_to_the_router(monkeypatch):
+    import functools
+
+    import router_harness
+
+    from orchestrator.router import build_server
+    from orchestrator.security import TokenAuthInterceptor
+
+    token = "client-token-0123456789"
+    monkeypatch.setattr(router_harness, "build_server", functools.partial(
+        build_server, interceptors=[TokenAuthInterceptor({token: "client"})]))
+    # With authentication on, the gateway cannot ask the router's Status for the model: it is told.
+    with GatewayOverRouter(gateway_options={"model_name": MODEL, "max_context_len": 256}) as running:
+        authorized = openai.OpenAI(base_url=running.base_url + "/v1", api_key=token, max_retries=0, timeout=20)
+        assert authorized.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text == "ok"
+        with pytest.raises(openai.AuthenticationError) as error:
+            running.client.completions.create(model=MODEL, prompt="ok", max_tokens=2)  # api_key "unused"
+        assert error.value.status_code == 401
+        assert list(running.gateway._token_clients) == [token]  # the refused token's connection was not kept

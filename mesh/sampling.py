@@ -29,6 +29,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Tokens of this request already produced elsewhere (a retry after a replica failed re-prefills them as
+    # prompt): seeded draws continue the same stream, so the client sees what it would have without the failure.
+    output_offset: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -47,6 +50,8 @@ class SamplingParams:
         if not isinstance(stop, (tuple, list)) or not all(isinstance(t, int) and t >= 0 for t in stop):
             raise ValueError(f"stop_token_ids must be a tuple of token ids >= 0, got {stop!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stop))  # accept a list, store a hashable tuple
+        if not isinstance(self.output_offset, int) or isinstance(self.output_offset, bool) or self.output_offset < 0:
+            raise ValueError(f"output_offset must be an integer >= 0, got {self.output_offset!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -69,7 +74,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_index: lis
     rows = logits[row_index]
     probs = _filtered_probs(rows, [params[i] for i in sampled_rows])
     noise = _exponential_noise(rows.shape, [params[i] for i in sampled_rows],
-                               [output_index[i] for i in sampled_rows], logits.device)
+                               [output_index[i] + params[i].output_offset for i in sampled_rows], logits.device)
     # Exponential race: argmax(p / E) with E ~ Exp(1) picks token t with probability p_t, and each row's draw
     # uses only that row's noise, so batch composition never changes it.
     tokens[row_index] = (probs / noise).argmax(dim=-1)

@@ -59,6 +59,8 @@ def _replica_to_proto(replica: dict, where: str, out: generation_pb2.ReplicaStat
     kv_blocks = _require(replica, "kv_blocks", where)
     out.kv_blocks.num_free = int(_require(kv_blocks, "num_free", f"{where}.kv_blocks"))
     out.kv_blocks.num_total = int(_require(kv_blocks, "num_total", f"{where}.kv_blocks"))
+    out.failures = int(replica.get("failures", 0))
+    out.restarts = int(replica.get("restarts", 0))
 
 
 def _replica_from_proto(replica: generation_pb2.ReplicaStatus) -> dict:
@@ -71,6 +73,8 @@ def _replica_from_proto(replica: generation_pb2.ReplicaStatus) -> dict:
         "mesh": {axis: getattr(replica.mesh, axis) for axis in MESH_AXES},
         "load": {"num_queued": replica.load.num_queued, "num_running": replica.load.num_running},
         "kv_blocks": {"num_free": replica.kv_blocks.num_free, "num_total": replica.kv_blocks.num_total},
+        "failures": replica.failures,
+        "restarts": replica.restarts,
     }
 
 

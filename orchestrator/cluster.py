@@ -12,6 +12,7 @@ queue slot outlives it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +43,8 @@ class ClusterBackend:
             eos_token_ids=tuple(model_config.eos_token_ids),
         )
         self._policy = get_policy(config.router.policy)
+        self._max_retries = config.router.max_retries
+        self._replica_timeout_s = config.router.replica_timeout_s
         # The router's own view of each replica's load, updated as it routes (no round trip per request).
         self._inflight: dict[str, int] = {}
 
@@ -85,7 +88,38 @@ class ClusterBackend:
         return next(iter(self._policy.order(candidates, self._load)))
 
     async def generate(self, spec: RequestSpec) -> AsyncIterator[TokenEvent | FinishEvent]:
+        """One request; if a replica fails before the request finishes, it is retried on another replica
+        (up to router.max_retries times) by re-prefilling the prompt plus the tokens already streamed, so the
+        client sees one unbroken stream with no token repeated."""
         started = time.monotonic()
+        sent: list[int] = []
+        failures: list[str] = []
+        for attempt in range(self._max_retries + 1):
+            attempt_spec = spec
+            if attempt:
+                params = spec.params
+                attempt_spec = dataclasses.replace(
+                    spec, request_id=f"{spec.request_id}.retry{attempt}",
+                    prompt_token_ids=list(spec.prompt_token_ids) + sent,
+                    params=dataclasses.replace(params, max_tokens=params.max_tokens - len(sent),
+                                               output_offset=params.output_offset + len(sent)))
+            try:
+                async for event in self._attempt(attempt_spec, started, resumed=bool(sent)):
+                    if isinstance(event, TokenEvent):
+                        sent.extend(event.token_ids)
+                    yield event
+                return
+            except _ReplicaFailed as failure:
+                failures.append(str(failure))
+                await self._check_replicas(failure.handles)
+                if self.metrics is not None and hasattr(self.metrics, "count_retry"):
+                    self.metrics.count_retry()
+                log.warning("request %s: %s; %s", spec.request_id, failure,
+                            "retrying" if attempt < self._max_retries else "giving up")
+        raise BackendError(grpc.StatusCode.UNAVAILABLE, f"request failed on {len(failures)} attempt(s): "
+                           + "; ".join(failures))
+
+    async def _attempt(self, spec: RequestSpec, started: float, *, resumed: bool):
         params = spec.params
         decode = reservation = stream = None
         decode_released = False  # True once the decode replica freed the request itself (its stream finished)
@@ -101,11 +135,12 @@ class ClusterBackend:
                 used_replicas.append(decode)
             used_replicas.append(prefill)
             try:
-                result = await prefill.actor.prefill.remote(spec.request_id, spec.prompt_token_ids, params,
-                                                            reservation)
-            except ray.exceptions.RayError as exc:
-                raise BackendError(grpc.StatusCode.UNAVAILABLE,
-                                   f"prefill on {prefill.replica_id} failed: {_cause(exc)}") from None
+                result = await asyncio.wait_for(
+                    prefill.actor.prefill.remote(spec.request_id, spec.prompt_token_ids, params, reservation),
+                    self._replica_timeout_s)
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise _ReplicaFailed(f"prefill on {prefill.replica_id} failed: {_cause(exc)}",
+                                     [prefill] + ([decode] if decode else [])) from None
             self._bump(prefill, -1)
             prefill_pending = False
             prefill_done = time.monotonic()
@@ -119,7 +154,10 @@ class ClusterBackend:
                 outcome = "finished"
                 yield FinishEvent(finish_reason="stop", timings=Timings(**timings), **replicas)
                 return
-            yield TokenEvent([first], timings=Timings(**timings), **replicas)
+            if resumed:  # a retry: the request's first token went out long ago
+                yield TokenEvent([first], **replicas)
+            else:
+                yield TokenEvent([first], timings=Timings(**timings), **replicas)
             if ends_here or decode is None:
                 outcome = "finished"
                 yield FinishEvent(finish_reason="length", timings=Timings(**timings), **replicas)
@@ -129,7 +167,7 @@ class ClusterBackend:
             stream = decode.actor.generate.remote(spec.request_id, spec.prompt_token_ids, first)
             try:
                 async for ref in stream:
-                    item = await ref
+                    item = await asyncio.wait_for(ref, self._replica_timeout_s)
                     if "kv_bytes" in item:
                         continue
                     if item["token_ids"]:
@@ -139,9 +177,8 @@ class ClusterBackend:
                         finish_reason = item["finish_reason"]
                         decode_released = True
                         break
-            except ray.exceptions.RayError as exc:
-                raise BackendError(grpc.StatusCode.UNAVAILABLE,
-                                   f"decode on {decode.replica_id} failed: {_cause(exc)}") from None
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise _ReplicaFailed(f"decode on {decode.replica_id} failed: {_cause(exc)}", [decode]) from None
             if finish_reason == "error":
                 raise BackendError(grpc.StatusCode.INTERNAL, f"decode replica {decode.replica_id} failed a step")
             timings["tpot_s"] = (time.monotonic() - prefill_done) / max(1, num_tokens - 1)
@@ -171,6 +208,41 @@ class ClusterBackend:
         if params.max_tokens <= 1:
             return "length"
         return None
+
+    async def _check_replicas(self, handles: list[ReplicaHandle]) -> None:
+        """After a failed attempt: replicas that do not answer a ping leave rotation until the health loop sees
+        them back (Ray restarts a dead actor up to the tier's max_restarts)."""
+        for handle, alive in zip(handles, await asyncio.gather(*(_ping(h) for h in handles))):
+            if not alive and handle.state == "ready":
+                handle.state = "dead"
+                handle.info["failures"] = handle.info.get("failures", 0) + 1
+                log.warning("replica %s stopped answering; out of rotation", handle.replica_id)
+
+    async def health_loop(self, interval_s: float = 1.0) -> None:
+        """Runs for the router's lifetime: pings every replica; a ready replica that stops answering leaves
+        rotation; a dead one that answers again (restarted by Ray) is started again (its KV server gets a new
+        address) and comes back into rotation."""
+        while True:
+            handles = [h for tier in ("prefill", "decode") for h in self.deployment.replicas(tier)
+                       if h.state in ("ready", "dead")]
+            alive = await asyncio.gather(*(_ping(h) for h in handles))
+            for handle, is_alive in zip(handles, alive):
+                if handle.state == "ready" and not is_alive:
+                    handle.state = "dead"
+                    handle.info["failures"] = handle.info.get("failures", 0) + 1
+                    log.warning("replica %s failed its health check; out of rotation", handle.replica_id)
+                elif handle.state == "dead" and is_alive:
+                    try:
+                        info = await asyncio.wait_for(handle.actor.start.remote(), 60)
+                    except Exception as exc:
+                        log.warning("replica %s answers but did not start: %s", handle.replica_id, _cause(exc))
+                        continue
+                    handle.info.update(info)
+                    handle.info["restarts"] = handle.info.get("restarts", 0) + 1
+                    handle.state = "ready"
+                    log.warning("replica %s is back in rotation (restart %d)", handle.replica_id,
+                                handle.info["restarts"])
+            await asyncio.sleep(interval_s)
 
     def inflight(self, replica_id: str) -> int:
         """Requests the router has in flight on a replica (used to drain it)."""
@@ -203,6 +275,8 @@ class ClusterBackend:
                              "num_running": int(stat.get("num_running", 0))},
                     "kv_blocks": {"num_free": int(stat.get("num_free_blocks", 0)),
                                   "num_total": int(stat.get("num_total_blocks", 0))},
+                    "failures": handle.info.get("failures", 0),
+                    "restarts": handle.info.get("restarts", 0),
                 })
         return result
 
@@ -216,6 +290,21 @@ class ClusterBackend:
             result[tier] = [{"id": h.replica_id, "state": h.state if s is not None else "dead", "stats": s or {}}
                             for h, s in zip(handles, stats)]
         return result
+
+
+class _ReplicaFailed(Exception):
+    """One attempt of a request failed because a replica died or stopped answering."""
+
+    def __init__(self, message: str, handles: list[ReplicaHandle]):
+        super().__init__(message)
+        self.handles = handles
+
+
+async def _ping(handle: ReplicaHandle, timeout_s: float = 2.0) -> bool:
+    try:
+        return bool(await asyncio.wait_for(handle.actor.ping.remote(), timeout_s))
+    except Exception:
+        return False
 
 
 async def _stats(handle: ReplicaHandle, timeout_s: float = 5.0) -> dict | None:

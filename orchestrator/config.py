@@ -44,6 +44,7 @@ class RouterSection:
     max_prompt_tokens: int | None = None  # None: the model's context
     max_streams_per_client: int | None = None  # concurrent Generate streams per client address (None: no limit)
     max_retries: int = 2  # a request whose replica fails is retried on another one this many times
+    replica_timeout_s: float = 30.0  # a replica that makes no progress on a request for this long has failed
     tokens_file: str | None = None  # bearer tokens with roles (see orchestrator/security.py); None: no auth
     tls_cert: str | None = None  # PEM files; cert + key turn TLS on
     tls_key: str | None = None
@@ -320,7 +321,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
 
     router_raw = _section(raw, "router")
     _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens",
-                                 "max_streams_per_client", "max_retries", "auth", "tls"),
+                                 "max_streams_per_client", "max_retries", "replica_timeout_s", "auth", "tls"),
                     "router.")
     port = _int(router_raw, "port", "router.", 50051, minimum=0)
     if port > 65535:
@@ -334,6 +335,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         max_prompt_tokens=_int(router_raw, "max_prompt_tokens", "router.", None, minimum=1),
         max_streams_per_client=_int(router_raw, "max_streams_per_client", "router.", None, minimum=1),
         max_retries=_int(router_raw, "max_retries", "router.", 2, minimum=0),
+        replica_timeout_s=_float(router_raw, "replica_timeout_s", "router.", 30.0),
         **_parse_router_security(router_raw, base_dir),
     )
 

@@ -180,7 +180,7 @@ class Deployment:
         num_cpus = float(tier.resources.get("num_cpus", 0.5))
         options = dict(num_cpus=num_cpus, num_gpus=float(tier.resources.get("num_gpus", 0) or 0),
                        scheduling_strategy=strategy, max_concurrency=1000, name=handle.replica_id + "-" +
-                       self.token[:6], max_restarts=0)
+                       self.token[:6], max_restarts=tier.max_restarts)
         threads = max(1, math.floor(num_cpus))
         if tier.name == "decode":
             from decode_tier.replica import DecodeReplica

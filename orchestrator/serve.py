@@ -2,7 +2,9 @@
 
 Who calls it: `pdcluster serve` and `pdcluster demo` (orchestrator/cli.py) and the end-to-end tests. The router's
 event loop runs in a background thread, so the caller's thread stays free (to wait for Ctrl-C, to run a client, or
-to run tests).
+to run tests). When cluster.yaml asks for them, the Prometheus endpoint (`metrics:`) and the OpenAI-compatible
+gateway (`gateway:`) start and stop with the router; every request ends with one JSON line on the
+`pdcluster.requests` logger (orchestrator/request_log.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from mesh.tokenizer import load_tokenizer
 from orchestrator.config import ClusterConfig
 from orchestrator.deploy import Deployment
+from orchestrator.request_log import RequestLog, RequestRecord
 from orchestrator.security import router_security
 
 
@@ -26,6 +29,13 @@ class RunningCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server = None
+        self.metrics = None  # orchestrator.metrics.ClusterMetrics when metrics.port is set
+        self.metrics_port: int | None = None
+        self.gateway_port: int | None = None
+        self._metrics_server = None
+        self._poller = None
+        self._gateway = None
+        self._request_log = RequestLog()
 
     @property
     def address(self) -> str:
@@ -41,7 +51,11 @@ class RunningCluster:
         interceptors, credentials = router_security(router)  # a bad tokens or TLS file fails before deploying
         self.deployment = Deployment.start(self.config, out=out)
         try:
-            self.backend = ClusterBackend(self.deployment)
+            if self.config.metrics.is_enabled:
+                from orchestrator.metrics import ClusterMetrics
+
+                self.metrics = ClusterMetrics()
+            self.backend = ClusterBackend(self.deployment, metrics=self.metrics)
             tokenizer = load_tokenizer(self.config.model.path)
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="pdcluster-router", daemon=True)
@@ -51,13 +65,53 @@ class RunningCluster:
                                         max_message_bytes=router.max_message_bytes,
                                         max_prompt_tokens=router.max_prompt_tokens,
                                         extra_services=[self._add_admin],
-                                        interceptors=interceptors, credentials=credentials)
+                                        interceptors=interceptors, credentials=credentials,
+                                        on_request_done=self._on_request_done)
             self.port = self._call(self._server.start())
+            self._health_task = asyncio.run_coroutine_threadsafe(self.backend.health_loop(), self._loop)
+            endpoints = self._start_observability()
         except BaseException:
             self.stop()
             raise
         print(f"pdcluster: router listening on {self.address} (model {self.config.model.name})", file=out, flush=True)
+        for line in endpoints:
+            print(f"pdcluster: {line}", file=out, flush=True)
         return self
+
+    def _on_request_done(self, record: RequestRecord) -> None:
+        self._request_log.write(record)
+        if self.metrics is not None:
+            self.metrics.observe_request(record)
+
+    def _start_observability(self) -> list[str]:
+        """The metrics endpoint (+ replica poller) and the OpenAI gateway, where cluster.yaml asks for them;
+        returns a line per endpoint for the console."""
+        config, lines = self.config, []
+        if self.metrics is not None:
+            from orchestrator.metrics import MetricsServer, ReplicaPoller
+
+            server = self._server
+            self.metrics.bind_in_flight(lambda: server.num_inflight)
+            self._poller = ReplicaPoller(self.backend, self.metrics)
+            self._call(self._poller.start())
+            self._metrics_server = MetricsServer(self.metrics, host=config.metrics.host, port=config.metrics.port)
+            self.metrics_port = self._metrics_server.start()
+            lines.append(f"Prometheus metrics on http://{config.metrics.host}:{self.metrics_port}/metrics")
+        if config.gateway.is_enabled:
+            from orchestrator.config import ConfigError
+            from orchestrator.gateway import OpenAIGateway
+
+            router = config.router
+            if router.tls_client_ca:
+                raise ConfigError("gateway", "the gateway cannot present a client certificate to a router that "
+                                  "requires one (router.tls.client_ca); turn one of them off")
+            self._gateway = OpenAIGateway(
+                self.address, host=config.gateway.host, port=config.gateway.port, model_name=config.model.name,
+                model_dir=config.model.path, max_context_len=self.backend.model_info.max_context_len,
+                client_options={"tls_ca": router.tls_cert} if router.tls_cert else None)
+            self.gateway_port = self._call(self._gateway.start())
+            lines.append(f"OpenAI-compatible API on http://{config.gateway.host}:{self.gateway_port}/v1")
+        return lines
 
     def _add_admin(self, server) -> None:
         from orchestrator.apply import AdminServicer
@@ -73,6 +127,20 @@ class RunningCluster:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for up to grace_s, then tear the tiers down."""
+        if getattr(self, "_health_task", None) is not None:
+            self._health_task.cancel()
+            self._health_task = None
+        if self._loop is not None:  # the gateway first: it forwards to the router
+            for stoppable in (self._gateway, self._poller):
+                if stoppable is not None:
+                    try:
+                        self._call(stoppable.stop(), timeout=grace_s + 10)
+                    except Exception:
+                        pass
+        self._gateway = self._poller = None
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
         if self._server is not None and self._loop is not None:
             try:
                 self._call(self._server.stop(grace_s), timeout=grace_s + 10)

@@ -144,7 +144,7 @@ class KvBlocks(_message.Message):
     def __init__(self, num_free: _Optional[int] = ..., num_total: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("id", "state", "node", "accelerator", "mesh", "load", "kv_blocks")
+    __slots__ = ("id", "state", "node", "accelerator", "mesh", "load", "kv_blocks", "failures", "restarts")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class ReplicaStatus(_message.Message):
     MESH_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: ReplicaState
     node: str
@@ -159,7 +161,9 @@ class ReplicaStatus(_message.Message):
     mesh: MeshShape
     load: ReplicaLoad
     kv_blocks: KvBlocks
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., node: _Optional[str] = ..., accelerator: _Optional[str] = ..., mesh: _Optional[_Union[MeshShape, _Mapping]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ...) -> None: ...
+    failures: int
+    restarts: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., node: _Optional[str] = ..., accelerator: _Optional[str] = ..., mesh: _Optional[_Union[MeshShape, _Mapping]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., failures: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("model", "max_context_len", "num_inflight", "prefill", "decode")

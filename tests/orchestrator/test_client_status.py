@@ -11,6 +11,8 @@ def replica(replica_id, state="ready"):
         "mesh": {"tp": 2, "cp": 4, "pp": 1, "ep": 1},
         "load": {"num_queued": 3, "num_running": 5},
         "kv_blocks": {"num_free": 100, "num_total": 4096},
+        "failures": 2,
+        "restarts": 1,
     }
 
 

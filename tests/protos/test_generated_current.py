@@ -13,7 +13,8 @@ REPO_ROOT = Path(protos_generate.__file__).resolve().parent.parent
 
 def test_regenerating_gives_byte_identical_modules(tmp_path):
     written = protos_generate.generate(tmp_path)
-    assert {path.name for path in written} == {"generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py"}
+    assert {path.name for path in written} == {f"{name}{suffix}" for name in ("admin", "generation")
+                                               for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")}
     for path in written:
         committed = protos_generate.PROTOS_DIR / path.name
         assert committed.exists(), f"{path.name} is not committed; run `python -m protos.generate`"

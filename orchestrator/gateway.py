@@ -75,7 +75,7 @@ class OpenAIGateway:
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/health", self._health)
         # handler_cancellation: a client that hangs up cancels its handler, which cancels the request downstream.
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         try:

@@ -188,7 +188,7 @@ class ReplicaPoller:
         self._interval_s = interval_s
         self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="pdcluster-metrics-poller")
 

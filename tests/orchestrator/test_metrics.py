@@ -228,7 +228,7 @@ def test_poller_keeps_polling_through_errors():
 
     async def run() -> None:
         poller = ReplicaPoller(backend, metrics, interval_s=0.01)
-        poller.start()
+        await poller.start()
         while backend.num_calls < 4:
             await asyncio.sleep(0.01)
         await poller.stop()

@@ -19,13 +19,16 @@ import torch.nn.functional as F
 @dataclass
 class AttentionBatch:
     """One step's sequences, packed in order. `query_lens[i]` new tokens of sequence i, `context_lens[i]` tokens it
-    already has in the cache, `block_tables[i]` its cache blocks (None = no cache: plain prefill over the step's own
-    tokens, and every context_len must be 0), `logits_indices` the packed rows whose logits the model returns."""
+    already has in the cache, `block_tables[i]` its cache blocks (None = no paged cache: plain prefill over the
+    step's own tokens, or a context-parallel prefill), `logits_indices` the packed rows whose logits the model
+    returns. `seq_keys[i]` names sequence i in a `RoundRobinKVStore` (CP prefill against a persistent cache; None
+    otherwise). A non-zero context_len needs block_tables or seq_keys."""
 
     query_lens: list[int]
     context_lens: list[int]
     block_tables: list[list[int]] | None
     logits_indices: torch.Tensor
+    seq_keys: list | None = None
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.context_lens):
@@ -36,9 +39,12 @@ class AttentionBatch:
             raise ValueError(f"AttentionBatch.query_lens: every sequence needs >= 1 new token, got {self.query_lens}")
         if any(n < 0 for n in self.context_lens):
             raise ValueError(f"AttentionBatch.context_lens: must be >= 0, got {self.context_lens}")
+        if self.seq_keys is not None and len(self.seq_keys) != len(self.query_lens):
+            raise ValueError(f"AttentionBatch.seq_keys: {len(self.seq_keys)} keys for {len(self.query_lens)} sequences")
         if self.block_tables is None:
-            if any(self.context_lens):
-                raise ValueError("AttentionBatch.context_lens: non-zero context needs block_tables (a KV cache)")
+            if any(self.context_lens) and self.seq_keys is None:
+                raise ValueError("AttentionBatch.context_lens: non-zero context needs block_tables (a paged KV "
+                                 "cache) or seq_keys (a context-parallel RoundRobinKVStore)")
         elif len(self.block_tables) != len(self.query_lens):
             raise ValueError(
                 f"AttentionBatch.block_tables: {len(self.block_tables)} tables for {len(self.query_lens)} sequences"

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "MixtralForCausalLM")
+MOE_ARCHITECTURES = ("MixtralForCausalLM",)
 
 # Used when `architectures` is missing but `model_type` is present (older or hand-written configs).
 _ARCHITECTURE_BY_MODEL_TYPE = {
@@ -25,11 +26,14 @@ _ARCHITECTURE_BY_MODEL_TYPE = {
 
 # Architectures we recognise but cannot run yet: a clearer message than "unsupported".
 _NOT_YET_SUPPORTED = {
-    "MixtralForCausalLM": "mixture-of-experts models (Mixtral) are not yet supported by mesh.CausalLM",
+    "Qwen2MoeForCausalLM": "Qwen2-MoE (shared experts) is not yet supported by mesh.CausalLM; Mixtral is",
+    "Qwen3MoeForCausalLM": "Qwen3-MoE is not yet supported by mesh.CausalLM; Mixtral is",
 }
 
 # Transformers' own defaults for keys a config.json may omit, per architecture.
-_DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32, "Qwen2ForCausalLM": 32768}
+_DEFAULT_MAX_POSITIONS = {"LlamaForCausalLM": 2048, "MistralForCausalLM": 4096 * 32, "Qwen2ForCausalLM": 32768,
+                          "MixtralForCausalLM": 4096 * 32}
+_DEFAULT_ROPE_THETA = {"MixtralForCausalLM": 1e6}
 
 _LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -58,6 +62,10 @@ class ModelConfig:
     qkv_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Mixture of experts (Mixtral): 0 for a dense model. Every layer's MLP is then `num_experts` SwiGLU experts of
+    # width intermediate_size, of which the router picks `num_experts_per_tok` per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -81,11 +89,25 @@ class ModelConfig:
             raise ModelConfigError(f"rms_norm_eps must be positive, got {self.rms_norm_eps!r}")
         if self.rope_scaling is not None:
             _check_llama3_scaling(self.rope_scaling)
+        is_moe = self.architecture in MOE_ARCHITECTURES
+        if is_moe and not (isinstance(self.num_experts, int) and self.num_experts >= 1):
+            raise ModelConfigError(f"num_local_experts: must be a positive integer, got {self.num_experts!r}")
+        if is_moe and not (isinstance(self.num_experts_per_tok, int) and 1 <= self.num_experts_per_tok
+                           <= self.num_experts):
+            raise ModelConfigError(f"num_experts_per_tok: must be an integer in 1..{self.num_experts} "
+                                   f"(num_local_experts), got {self.num_experts_per_tok!r}")
+        if not is_moe and (self.num_experts or self.num_experts_per_tok):
+            raise ModelConfigError(f"num_local_experts: {self.architecture} is a dense model; experts are only "
+                                   f"read for {MOE_ARCHITECTURES}")
         if self.bos_token_id is not None and not 0 <= self.bos_token_id < self.vocab_size:
             raise ModelConfigError(f"bos_token_id: {self.bos_token_id} is outside the vocabulary ({self.vocab_size})")
         for eos in self.eos_token_ids:
             if not 0 <= eos < self.vocab_size:
                 raise ModelConfigError(f"eos_token_id: {eos} is outside the vocabulary ({self.vocab_size})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_size(self) -> int:
@@ -124,7 +146,8 @@ class ModelConfig:
                     f"num_attention_heads ({num_heads}); add head_dim to config.json"
                 )
             head_dim = hidden_size // num_heads
-        rope_theta, rope_scaling = _rope(raw)
+        rope_theta, rope_scaling = _rope(raw, _DEFAULT_ROPE_THETA.get(architecture, 10000.0))
+        is_moe = architecture in MOE_ARCHITECTURES
         return cls(
             architecture=architecture,
             vocab_size=_required_int(raw, "vocab_size"),
@@ -142,6 +165,8 @@ class ModelConfig:
             qkv_bias=architecture == "Qwen2ForCausalLM",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+            num_experts=_required_int(raw, "num_local_experts") if is_moe else 0,
+            num_experts_per_tok=_required_int(raw, "num_experts_per_tok") if is_moe else 0,
         )
 
 
@@ -172,7 +197,7 @@ def _reject_unsupported_options(architecture: str, raw: dict[str, Any]) -> None:
         raise ModelConfigError("attention_bias: true is not supported (only Qwen2's q/k/v bias is)")
     if raw.get("mlp_bias"):
         raise ModelConfigError("mlp_bias: true is not supported")
-    if architecture == "MistralForCausalLM":
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
         window = raw.get("sliding_window")
         max_positions = raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[architecture]
         if window is not None and window < max_positions:
@@ -196,7 +221,7 @@ def _required_int(raw: dict[str, Any], key: str) -> int:
     return value
 
 
-def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
+def _rope(raw: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
     """Reads both the classic keys (rope_theta + rope_scaling) and transformers 5's rope_parameters."""
     parameters = raw.get("rope_parameters")
     scaling = raw.get("rope_scaling")
@@ -205,7 +230,7 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict | None]:
     if scaling is None and isinstance(parameters, dict):
         scaling, key = parameters, "rope_parameters"
         theta = parameters.get("rope_theta", theta)
-    theta = 10000.0 if theta is None else theta
+    theta = default_theta if theta is None else theta
     if not isinstance(theta, (int, float)) or isinstance(theta, bool):
         raise ModelConfigError(f"rope_theta: must be a number, got {theta!r}")
     if scaling is None:

@@ -24,25 +24,25 @@ def full_shape(full: Any) -> tuple[int, ...]:
     return tuple(full.get_shape())
 
 
-def _group_rank_size(group: Any) -> tuple[int, int]:
+def group_rank_size(group: Any) -> tuple[int, int]:
     if group is None:
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _copy_into(param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
+def copy_into(param: torch.Tensor, shard: torch.Tensor, what: str) -> None:
     if tuple(shard.shape) != tuple(param.shape):
         raise ValueError(f"{what}: checkpoint shard has shape {tuple(shard.shape)}, expected {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(shard)  # copy_ casts dtype and moves device
 
 
-def _empty_param(*shape: int, dtype: torch.dtype, device: Any) -> nn.Parameter:
+def empty_param(*shape: int, dtype: torch.dtype, device: Any) -> nn.Parameter:
     # Loading overwrites every element; requires_grad off because this is an inference engine.
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def _check_full(name: str, full: Any, expected: tuple[int, ...], layer: str) -> None:
+def check_full(name: str, full: Any, expected: tuple[int, ...], layer: str) -> None:
     shape = full_shape(full)
     if shape != expected:
         raise ValueError(f"{layer}.{name}: full checkpoint tensor has shape {shape}, expected {expected}")
@@ -57,7 +57,7 @@ class ColumnParallelLinear(nn.Module):
                  num_shards: int | None = None, shard_index: int | None = None,
                  dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
         super().__init__()
-        group_rank, group_size = _group_rank_size(group)
+        group_rank, group_size = group_rank_size(group)
         self.num_shards = group_size if num_shards is None else num_shards
         self.shard_index = group_rank if shard_index is None else shard_index
         if out_features % self.num_shards != 0:
@@ -65,18 +65,18 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.out_features_local = out_features // self.num_shards
-        self.weight = _empty_param(self.out_features_local, in_features, dtype=dtype, device=device)
-        self.bias = _empty_param(self.out_features_local, dtype=dtype, device=device) if bias else None
+        self.weight = empty_param(self.out_features_local, in_features, dtype=dtype, device=device)
+        self.bias = empty_param(self.out_features_local, dtype=dtype, device=device) if bias else None
 
     def load_full(self, full: Any, name: str = "weight") -> None:
         start = self.shard_index * self.out_features_local
         stop = start + self.out_features_local
         if name == "weight":
-            _check_full(name, full, (self.out_features, self.in_features), type(self).__name__)
-            _copy_into(self.weight, full[start:stop], "weight")
+            check_full(name, full, (self.out_features, self.in_features), type(self).__name__)
+            copy_into(self.weight, full[start:stop], "weight")
         elif name == "bias" and self.bias is not None:
-            _check_full(name, full, (self.out_features,), type(self).__name__)
-            _copy_into(self.bias, full[start:stop], "bias")
+            check_full(name, full, (self.out_features,), type(self).__name__)
+            copy_into(self.bias, full[start:stop], "bias")
         else:
             raise ValueError(f"ColumnParallelLinear has no parameter {name!r} to load")
 
@@ -93,23 +93,23 @@ class RowParallelLinear(nn.Module):
                  dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
         super().__init__()
         self.group = group
-        self.tp_rank, self.tp_size = _group_rank_size(group)
+        self.tp_rank, self.tp_size = group_rank_size(group)
         if in_features % self.tp_size != 0:
             raise ValueError(f"RowParallelLinear: tp={self.tp_size} does not divide {in_features} inputs")
         self.in_features = in_features
         self.out_features = out_features
         self.in_features_local = in_features // self.tp_size
-        self.weight = _empty_param(out_features, self.in_features_local, dtype=dtype, device=device)
-        self.bias = _empty_param(out_features, dtype=dtype, device=device) if bias else None
+        self.weight = empty_param(out_features, self.in_features_local, dtype=dtype, device=device)
+        self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
 
     def load_full(self, full: Any, name: str = "weight") -> None:
         if name == "weight":
-            _check_full(name, full, (self.out_features, self.in_features), type(self).__name__)
+            check_full(name, full, (self.out_features, self.in_features), type(self).__name__)
             start = self.tp_rank * self.in_features_local
-            _copy_into(self.weight, full[:, start:start + self.in_features_local], "weight")
+            copy_into(self.weight, full[:, start:start + self.in_features_local], "weight")
         elif name == "bias" and self.bias is not None:
-            _check_full(name, full, (self.out_features,), type(self).__name__)
-            _copy_into(self.bias, full[:], "bias")
+            check_full(name, full, (self.out_features,), type(self).__name__)
+            copy_into(self.bias, full[:], "bias")
         else:
             raise ValueError(f"RowParallelLinear has no parameter {name!r} to load")
 
@@ -130,20 +130,20 @@ class VocabParallelEmbedding(nn.Module):
                  dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
         super().__init__()
         self.group = group
-        self.tp_rank, self.tp_size = _group_rank_size(group)
+        self.tp_rank, self.tp_size = group_rank_size(group)
         if vocab_size % self.tp_size != 0:
             raise ValueError(f"VocabParallelEmbedding: tp={self.tp_size} does not divide vocab_size={vocab_size}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.vocab_size_local = vocab_size // self.tp_size
         self.vocab_start = self.tp_rank * self.vocab_size_local
-        self.weight = _empty_param(self.vocab_size_local, hidden_size, dtype=dtype, device=device)
+        self.weight = empty_param(self.vocab_size_local, hidden_size, dtype=dtype, device=device)
 
     def load_full(self, full: Any, name: str = "weight") -> None:
         if name != "weight":
             raise ValueError(f"VocabParallelEmbedding has no parameter {name!r} to load")
-        _check_full(name, full, (self.vocab_size, self.hidden_size), type(self).__name__)
-        _copy_into(self.weight, full[self.vocab_start:self.vocab_start + self.vocab_size_local], "weight")
+        check_full(name, full, (self.vocab_size, self.hidden_size), type(self).__name__)
+        copy_into(self.weight, full[self.vocab_start:self.vocab_start + self.vocab_size_local], "weight")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:
@@ -164,14 +164,14 @@ class ParallelLMHead(nn.Module):
                  dtype: torch.dtype = torch.float32, device: Any = "cpu") -> None:
         super().__init__()
         self.group = group
-        self.tp_rank, self.tp_size = _group_rank_size(group)
+        self.tp_rank, self.tp_size = group_rank_size(group)
         if vocab_size % self.tp_size != 0:
             raise ValueError(f"ParallelLMHead: tp={self.tp_size} does not divide vocab_size={vocab_size}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.vocab_size_local = vocab_size // self.tp_size
         self.vocab_start = self.tp_rank * self.vocab_size_local
-        self.weight = _empty_param(self.vocab_size_local, hidden_size, dtype=dtype, device=device)
+        self.weight = empty_param(self.vocab_size_local, hidden_size, dtype=dtype, device=device)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's shard (tie_word_embeddings): same rows, same rank split."""
@@ -182,8 +182,8 @@ class ParallelLMHead(nn.Module):
     def load_full(self, full: Any, name: str = "weight") -> None:
         if name != "weight":
             raise ValueError(f"ParallelLMHead has no parameter {name!r} to load")
-        _check_full(name, full, (self.vocab_size, self.hidden_size), type(self).__name__)
-        _copy_into(self.weight, full[self.vocab_start:self.vocab_start + self.vocab_size_local], "weight")
+        check_full(name, full, (self.vocab_size, self.hidden_size), type(self).__name__)
+        copy_into(self.weight, full[self.vocab_start:self.vocab_start + self.vocab_size_local], "weight")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
@@ -203,13 +203,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.hidden_size = hidden_size
-        self.weight = _empty_param(hidden_size, dtype=dtype, device=device)
+        self.weight = empty_param(hidden_size, dtype=dtype, device=device)
 
     def load_full(self, full: Any, name: str = "weight") -> None:
         if name != "weight":
             raise ValueError(f"RMSNorm has no parameter {name!r} to load")
-        _check_full(name, full, (self.hidden_size,), type(self).__name__)
-        _copy_into(self.weight, full[:], "weight")
+        check_full(name, full, (self.hidden_size,), type(self).__name__)
+        copy_into(self.weight, full[:], "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype

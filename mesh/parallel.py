@@ -6,7 +6,12 @@ tensor-parallel group are consecutive (on one host they share NVLink):
     rank = (pp_rank * cp + cp_rank) * tp + tp_rank
 
 Expert parallelism does not add ranks: experts are sharded over the (cp, tp) sub-mesh of a pipeline stage, so an
-`ep` group is all ranks of one pp stage (ep must be 1 or cp * tp).
+`ep` group is all ranks of one pp stage (ep must be 1 or cp * tp). With ep = cp * tp each rank of a stage holds
+num_experts / ep whole experts (attention stays TP x CP sharded on the same ranks); with ep = 1 every rank holds
+every expert, each expert's MLP split over tp like the dense MLP. See mesh/moe.py.
+
+Pipeline stages hold contiguous, balanced layer ranges (`stage_layer_range`): the first `num_layers % pp` stages
+take one layer more than the others.
 
 Who calls it: the tier rank actors build `ParallelDims(shape, rank)` once per rank after
 `torch.distributed.init_process_group` (every rank must build it: group creation is collective); the model layers
@@ -65,7 +70,8 @@ class MeshShape:
                 f"mesh degree tp={self.tp} does not divide the model's {c.num_kv_heads} KV heads; "
                 f"use a tp in {_divisors(c.num_kv_heads)}"
             )
-        if c.intermediate_size % self.tp != 0:
+        uses_tp_mlp = not c.is_moe or self.ep == 1  # with ep > 1, experts are whole on each rank
+        if uses_tp_mlp and c.intermediate_size % self.tp != 0:
             raise ValueError(
                 f"mesh degree tp={self.tp} does not divide intermediate_size={c.intermediate_size}; "
                 f"use a tp in {_divisors(c.intermediate_size, limit=64)}"
@@ -79,9 +85,14 @@ class MeshShape:
             raise ValueError(
                 f"mesh degree pp={self.pp} is larger than the model's {c.num_layers} layers; use pp <= {c.num_layers}"
             )
-        if self.ep > 1:
+        if self.ep > 1 and not c.is_moe:
             raise ValueError(
                 f"mesh degree ep={self.ep}: {c.architecture} has no experts; set ep to 1"
+            )
+        if self.ep > 1 and c.num_experts % self.ep != 0:
+            raise ValueError(
+                f"mesh degree ep={self.ep} does not divide the model's {c.num_experts} experts; use ep = 1 or a "
+                f"mesh whose cp * tp divides {c.num_experts} (ep must be 1 or cp * tp)"
             )
 
     def coords(self, rank: int) -> dict[str, int]:
@@ -107,6 +118,18 @@ class MeshShape:
             key = tuple(coords[other] for other in AXES if other != axis)
             groups.setdefault(key, []).append(rank)
         return list(groups.values())
+
+
+def stage_layer_range(num_layers: int, pp_size: int, pp_rank: int) -> range:
+    """Global indices of the layers pipeline stage `pp_rank` holds: contiguous, sizes differing by at most one,
+    the first `num_layers % pp_size` stages taking the extra layer."""
+    if not 1 <= pp_size <= num_layers:
+        raise ValueError(f"stage_layer_range: pp={pp_size} must be in 1..{num_layers} (the model's layers)")
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"stage_layer_range: pp_rank {pp_rank} is outside 0..{pp_size - 1}")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return range(start, start + base + (1 if pp_rank < extra else 0))
 
 
 def _divisors(n: int, limit: int | None = None) -> list[int]:
@@ -218,3 +241,11 @@ class ParallelDims:
     @property
     def world_size(self) -> int:
         return self.shape.world_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1

@@ -20,6 +20,7 @@ MODEL_VARIANTS = {
     "tiny-qwen2": ("tiny-qwen2", None),
     "tiny-mistral": ("tiny-mistral", None),
     "tiny-llama3-rope": ("tiny-llama", {"rope_scaling": LLAMA3_SCALING}),
+    "tiny-mixtral": ("tiny-mixtral", None),
 }
 
 

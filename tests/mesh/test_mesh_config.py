@@ -95,9 +95,30 @@ def test_bad_values_name_the_key(key, value, named):
         ModelConfig.from_hf_dict(raw)
 
 
-def test_mixtral_not_yet_supported():
+def test_mixtral_experts_are_read():
+    config = ModelConfig.from_hf_dict(_config("tiny-mixtral"))
+    assert config.is_moe and (config.num_experts, config.num_experts_per_tok) == (4, 2)
+    assert config.rope_theta == 1e6 and not ModelConfig.from_hf_dict(_config("tiny-llama")).is_moe
+
+
+@pytest.mark.parametrize(("overrides", "named"), [({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+                                                  ({"num_local_experts": 0}, "num_local_experts"),
+                                                  ({"sliding_window": 16}, "sliding_window")])
+def test_mixtral_bad_expert_settings_name_the_key(overrides, named):
+    with pytest.raises(ModelConfigError, match=named):
+        ModelConfig.from_hf_dict(_config("tiny-mixtral", **overrides))
+
+
+def test_mixtral_rope_theta_defaults_to_transformers_value():
+    raw = _config("tiny-mixtral")
+    del raw["rope_theta"]
+    assert ModelConfig.from_hf_dict(raw).rope_theta == 1e6
+
+
+def test_qwen_moe_not_yet_supported():
+    raw = _config("tiny-mixtral", architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe")
     with pytest.raises(ModelConfigError, match="architectures.*not yet supported"):
-        ModelConfig.from_hf_dict(_config("tiny-mixtral"))
+        ModelConfig.from_hf_dict(raw)
 
 
 def test_missing_config_json(tmp_path):

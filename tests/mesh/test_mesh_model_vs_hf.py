@@ -10,7 +10,7 @@ from mesh.kv_cache import allocate_kv_cache
 from mesh.model import AttentionBatch, CausalLM, CheckpointError
 from mesh.presets import make_model
 
-VARIANTS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama3-rope"]
+VARIANTS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama3-rope", "tiny-mixtral"]
 PROMPT_LENS = [5, 11, 1, 23]
 
 
@@ -135,6 +135,16 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
         CausalLM.load(directory)
 
 
-def test_mixtral_directory_is_refused_clearly(tmp_path):
+def test_mixtral_checkpoint_errors_name_the_expert_tensor(tmp_path):
+    directory = make_model(tmp_path / "moe", "tiny-mixtral")
+    tensors = load_file(str(directory / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"experts\.3\.w2\.weight"):
+        CausalLM.load(directory)
+
+
+def test_qwen_moe_directory_is_refused_clearly(tmp_path):
+    overrides = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe"}
     with pytest.raises(ModelConfigError, match="not yet supported"):
-        CausalLM.load(make_model(tmp_path / "moe", "tiny-mixtral"))
+        CausalLM.load(make_model(tmp_path / "moe", "tiny-mixtral", overrides=overrides))

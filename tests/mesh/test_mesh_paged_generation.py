@@ -61,7 +61,7 @@ def _reference_generate(reference, prompt: torch.Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize(("variant", "block_size"), [("tiny-llama", 4), ("tiny-qwen2", 8), ("tiny-mistral", 4),
-                                                      ("tiny-llama3-rope", 8)])
+                                                      ("tiny-llama3-rope", 8), ("tiny-mixtral", 4)])
 def test_batched_paged_greedy_matches_transformers_generate(variant, block_size, model_dir, hf_model):
     model = CausalLM.load(model_dir(variant))
     generator = torch.Generator().manual_seed(7)

@@ -77,8 +77,8 @@ class ClusterMetrics:
                                ["replica", "state"], registry=r)
         self.prefill_batches = Counter("pdcluster_prefill_batches", "Prefill forwards run", ["replica"], registry=r)
         self.decode_steps = Counter("pdcluster_decode_steps", "Decode steps run", ["replica"], registry=r)
-        self.retries = Counter("pdcluster_retries", "Requests retried on another replica (no retries yet)", ["tier"],
-                               registry=r)
+        self.retries = Counter("pdcluster_retries", "Requests tried again after a replica of this tier failed",
+                               ["tier"], registry=r)
         self.autoscaler_decisions = Counter("pdcluster_autoscaler_decisions",
                                             "Scaling decisions taken (no autoscaler yet)", ["tier", "action"],
                                             registry=r)
@@ -116,6 +116,10 @@ class ClusterMetrics:
         if record.kv_bytes > 0:
             self.kv_bytes.labels(*pair).observe(record.kv_bytes)
             self.kv_seconds.labels(*pair).observe(record.kv_transfer_ms / 1e3)
+
+    def count_retry(self, tier: str) -> None:
+        """Called by the backend each time a request is tried again after a replica of `tier` failed."""
+        self.retries.labels(tier).inc()
 
     def count_replica_request(self, tier: str, replica: str, outcome: str) -> None:
         """Called by the backend when a request lets go of a replica (outcome in REPLICA_OUTCOMES)."""

@@ -209,6 +209,8 @@ def test_replica_counters_and_placeholders():
     assert got[("pdcluster_replica_requests_total",
                 (("outcome", "error"), ("replica", "decode-0"), ("tier", "decode")))] == 1
     assert got[("pdcluster_retries_total", (("tier", "decode"),))] == 0
+    metrics.count_retry("decode")
+    assert samples(metrics)[("pdcluster_retries_total", (("tier", "decode"),))] == 1
     assert got[("pdcluster_autoscaler_decisions_total", (("action", "scale_up"), ("tier", "prefill")))] == 0
 
 

@@ -112,8 +112,8 @@ class ClusterBackend:
             except _ReplicaFailed as failure:
                 failures.append(str(failure))
                 await self._check_replicas(failure.handles)
-                if self.metrics is not None and hasattr(self.metrics, "count_retry"):
-                    self.metrics.count_retry()
+                if self.metrics is not None and attempt < self._max_retries:
+                    self.metrics.count_retry(failure.handles[0].tier if failure.handles else "unknown")
                 log.warning("request %s: %s; %s", spec.request_id, failure,
                             "retrying" if attempt < self._max_retries else "giving up")
         raise BackendError(grpc.StatusCode.UNAVAILABLE, f"request failed on {len(failures)} attempt(s): "

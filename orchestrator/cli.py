@@ -1,6 +1,7 @@
 """The `pdcluster` command.
 
   pdcluster serve [CONFIG] [--port N]        run a cluster in the foreground (Ctrl-C stops it cleanly)
+        [--openai PORT] [--metrics-port PORT]  with the OpenAI-compatible HTTP API / Prometheus /metrics
   pdcluster demo [CONFIG]                    start the default cluster, stream a few requests, print figures, stop
   pdcluster generate --address H:P PROMPT    stream one completion from a running cluster
   pdcluster status --address H:P [--json]    tiers, replicas, load and free KV blocks
@@ -39,10 +40,26 @@ def _load(path: str | None, port: int | None = None):
     return config
 
 
+def _with_endpoint(config, section: str, port: int | None, flag: str):
+    """--openai / --metrics-port turn the gateway / metrics endpoint on at that port (host from the file)."""
+    if port is None:
+        return config
+    if not 0 <= port <= 65535:
+        from orchestrator.config import ConfigError
+
+        raise ConfigError(f"{section}.port", f"{flag} {port} is not a TCP port (0-65535)")
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), port=port)})
+
+
 def cmd_serve(args) -> int:
+    from orchestrator.request_log import configure_logging
     from orchestrator.serve import RunningCluster
 
     config = _load(args.config, args.port)
+    config = _with_endpoint(config, "gateway", args.openai, "--openai")
+    config = _with_endpoint(config, "metrics", args.metrics_port, "--metrics-port")
+    # --log-level or PDCLUSTER_LOG_LEVEL win over cluster.yaml's logging.level
+    configure_logging(args.log_level or os.environ.get("PDCLUSTER_LOG_LEVEL") or config.logging.level)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -110,12 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     from orchestrator import cli_client
 
     parser = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving on Ray.")
-    parser.add_argument("--log-level", default=os.environ.get("PDCLUSTER_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING, ... (default: $PDCLUSTER_LOG_LEVEL, else logging.level of "
+                             "cluster.yaml for serve, else WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run a cluster in the foreground")
     serve.add_argument("config", nargs="?", help="cluster.yaml (default: the embedded one-machine CPU cluster)")
     serve.add_argument("--port", type=int, help="router port (overrides router.port)")
+    serve.add_argument("--openai", type=int, metavar="PORT",
+                       help="serve the OpenAI-compatible HTTP API on this port (overrides gateway.port)")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics on this port (overrides metrics.port)")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="start a cluster, stream a few concurrent requests, print figures, stop")
@@ -159,7 +182,8 @@ def _deployment_error():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or os.environ.get("PDCLUSTER_LOG_LEVEL") or "WARNING"
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from orchestrator.config import ConfigError
 
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -67,7 +68,10 @@ class DecodeReplica:
             if host is None:
                 import ray  # only the actor's own node knows its address
 
-                host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+                # A local (one-machine) deployment keeps KV traffic on loopback (PDCLUSTER_KV_HOST, set by
+                # orchestrator/deploy.py); on a real cluster the node's address is what other nodes reach.
+                host = os.environ.get("PDCLUSTER_KV_HOST") or (
+                    ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1")
             self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
             self._kv_address = await self._server.start(host)
             self._receiver = KVReceiver(self._server, self._engine.kv_cache, self._engine.block_size,

@@ -80,8 +80,11 @@ def connect_ray(config: ClusterConfig) -> None:
     """Join the cluster named in ray.address, or start a local instance sized for the tiers."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in [_project_root(), os.environ.get("PYTHONPATH")]
-                                                      if p)}}
+    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in [_project_root(), os.environ.get("PYTHONPATH")] if p)}
+    if not config.ray.address:
+        # one machine: KV transfers stay on loopback (and shared memory), never on another interface
+        env_vars.update(PDCLUSTER_KV_HOST="127.0.0.1", UCX_NET_DEVICES="lo")
+    env = {"env_vars": env_vars}
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
         return

@@ -3,9 +3,13 @@ share it instead of starting and stopping their own)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Tests run on one machine: UCX uses loopback (and shared memory) only; processes started by tests inherit this.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +19,7 @@ def ray_local():
     if not ray.is_initialized():
         root = str(Path(__file__).resolve().parent.parent)  # actors import the packages from this checkout
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": root}})
+                 runtime_env={"env_vars": {"PYTHONPATH": root, "PDCLUSTER_KV_HOST": "127.0.0.1",
+                                                  "UCX_NET_DEVICES": "lo"}})
     yield ray
     ray.shutdown()

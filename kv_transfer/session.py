@@ -256,7 +256,9 @@ class KVSender:
     async def push_layer(self, info: ReservationInfo, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack layer `layer` (k, v: `[info.num_tokens, num_kv_heads, head_dim]`) into the reservation's chunks
         and queue their sends; returns without waiting for the network. The tensors may be reused afterwards.
-        Errors of the sends surface in `finish`."""
+        Errors of the sends surface in `finish`. CUDA tensors: packing runs on this thread's current stream,
+        so the work that produced k and v must be complete or ordered before it (e.g. synchronize the
+        compute stream or record an event and wait on it before handing the layer over)."""
         if not 0 <= layer < info.num_layers:
             raise ValueError(f"layer {layer} outside [0, {info.num_layers})")
         push = self._pushes.get(_push_key(info))
@@ -275,11 +277,15 @@ class KVSender:
         if info.has_checksum:
             chunks.append(checksum_tensor(layer_checksum(chunks), device=k.device))
         push.layers.add(layer)
-        send = asyncio.get_running_loop().create_task(
-            self._client.send(info.address, info.transfer_id, layer, chunks)
-        )
+        send = asyncio.get_running_loop().create_task(self._send(info, layer, chunks))
         send.add_done_callback(lambda t: t.cancelled() or t.exception())
         push.sends.append(send)
+
+    async def _send(self, info: ReservationInfo, layer: int, chunks: list[torch.Tensor]) -> int:
+        if chunks[0].is_cuda:
+            # UCX reads device memory outside torch's streams: the packing kernels must be done first.
+            await _until_device_done(chunks[0].device)
+        return await self._client.send(info.address, info.transfer_id, layer, chunks)
 
     async def finish(self, info: ReservationInfo, timeout_s: float | None = 60.0) -> TransferStats:
         """Wait for every send of the request; raises `TransferAborted` if a layer was never pushed, a send
@@ -308,6 +314,13 @@ class KVSender:
     @property
     def num_pending(self) -> int:
         return len(self._pushes)
+
+
+async def _until_device_done(device: torch.device) -> None:
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(device))
+    while not done.query():
+        await asyncio.sleep(0.0001)
 
 
 def _push_key(info: ReservationInfo) -> tuple[str, int, str]:

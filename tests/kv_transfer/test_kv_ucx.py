@@ -205,12 +205,14 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
         server, cache, receiver = await _start_decode()
         doomed = Peer()
         try:
+            # Process start-up (torch, ucxx imports) must not eat into the lease: wait until it is connected.
+            assert await doomed.call(("connect", server.address, TOKEN), timeout_s=60) == ("ok", None)
             num_tokens = 70
             blocks = shuffled_block_sets(9, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
             lease_s = 2.0
             info = receiver.reserve("doomed", blocks, num_tokens, lease_s=lease_s)
             started = time.monotonic()
-            await doomed.call(("push_async", [_job(info, 4, delay_s=0.3)]), timeout_s=60)
+            await doomed.call(("push_async", [_job(info, 4, delay_s=0.3)]))
             while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() - started < lease_s:
                 await asyncio.sleep(0.01)
             doomed.kill()  # between layers or in the middle of one
@@ -229,3 +231,29 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
         await server.close()
 
     run_bounded(body(), 90)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ucx_cuda_cache_receives_bfloat16_straight_into_device_blocks():
+    async def body():
+        transport = get_transport("ucx")
+        server = transport.make_server(token=TOKEN)
+        await server.start("127.0.0.1")
+        cache = [t.cuda() for t in make_cache(3, 32, BLOCK_SIZE, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)]
+        receiver = KVReceiver(server, cache, BLOCK_SIZE, checksum=True)
+        client = transport.make_client(token=TOKEN)
+        sender = KVSender(client)
+        blocks, num_tokens = [20, 21, 22, 4, 9], 19
+        info = receiver.reserve("gpu", blocks, num_tokens, lease_s=20)
+        kv = [(k.cuda(), v.cuda()) for k, v in make_kv(12, 3, num_tokens, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)]
+        for layer, (k, v) in enumerate(kv):
+            await sender.push_layer(info, layer, k, v)
+        await sender.finish(info)
+        await receiver.wait_complete("gpu")
+        assert_kv_landed(cache, blocks, num_tokens, kv)
+        assert_untouched(cache, [b for b in range(32) if b not in blocks])
+        await client.close()
+        await server.close()
+
+    run_bounded(body(), 60)

@@ -2,19 +2,21 @@
 heads (TP, possibly replicated) and, on a prefill replica, which token rows (CP).
 
 Pure functions and frozen layouts; no tensors move here. `kv_transfer.plan` builds transfer plans from a pair of
-layouts, and tests use the same queries to rebuild what each rank holds.
+layouts, and tests use the same queries to rebuild what each rank holds. Each rule delegates to the mesh's own
+(the model takes its layers and heads from the same functions), so the planner and the model cannot disagree:
 
-Rank layout (the one `mesh.parallel.MeshShape` defines): axes (pp, cp, tp), tp fastest,
-`rank = (pp_rank * cp + cp_rank) * tp + tp_rank`. A decode replica has cp = 1.
-
-- Layers: `stage_layer_ranges(num_layers, pp)`: contiguous and balanced; when pp does not divide num_layers the
+- Rank layout (`mesh.parallel.MeshShape`): axes (pp, cp, tp), tp fastest, `rank = (pp_rank * cp + cp_rank) * tp
+  + tp_rank`. A decode replica has cp = 1 here.
+- Layers (`mesh.parallel.stage_layer_range`): contiguous and balanced; when pp does not divide num_layers the
   first `num_layers % pp` stages hold one layer more.
-- KV heads: when tp <= num_kv_heads, tp rank t holds heads [t * H / tp, (t + 1) * H / tp); when tp > H, each head
-  is replicated on tp / H consecutive ranks and rank t holds head t // (tp / H) (`mesh.model.Attention`'s rule).
-- Tokens (prefill CP): one sequence of `num_tokens` tokens (no cached prefix) is split into 2N equal chunks,
-  padded at the end, and CP rank i holds chunks i and 2N-1-i (`mesh.cp_sharding.shard_plan`). Its local K/V rows,
-  as the model's layer hook emits them, are chunk i then chunk 2N-1-i, padding rows included. With cp = 1 nothing
-  is sharded: row p is token p.
+- KV heads (`mesh.kv_layout.kv_head_range`): when tp <= num_kv_heads, tp rank t holds heads [t * H / tp,
+  (t + 1) * H / tp); when tp > H, each head is replicated on tp / H consecutive ranks and rank t holds head
+  t // (tp / H).
+- Tokens (prefill CP, `mesh.cp_sharding.shard_plan`): one fresh sequence of `num_tokens` tokens is split into 2N
+  equal chunks, padded at the end, and CP rank i holds chunks i and 2N-1-i. The rank's K/V rows are what its
+  layer hook receives: the real rows of chunk i then of chunk 2N-1-i, padding dropped (`mesh.context_parallel.
+  CPHookRows`). Padding only ever trails a sequence, so a row index is the same with or without it. With cp = 1
+  nothing is sharded: row p is token p.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from mesh.cp_sharding import PADDING, shard_plan
-from mesh.parallel import MeshShape
+from mesh.kv_layout import kv_head_range
+from mesh.parallel import MeshShape, stage_layer_range
+
+if TYPE_CHECKING:
+    from mesh.config import ModelConfig
 
 
 class TokenRun(NamedTuple):
@@ -40,18 +46,13 @@ class TokenRun(NamedTuple):
 
 
 def stage_layer_ranges(num_layers: int, pp: int) -> tuple[range, ...]:
-    """The contiguous layer range of every pipeline stage; the first `num_layers % pp` stages get one extra."""
+    """The contiguous layer range of every pipeline stage (the mesh's rule: the first `num_layers % pp` stages
+    hold one layer more)."""
     _check_positive("num_layers", num_layers)
     _check_positive("pp", pp)
     if pp > num_layers:
         raise ValueError(f"pp={pp} stages cannot split {num_layers} layers; use pp <= {num_layers}")
-    base, extra = divmod(num_layers, pp)
-    ranges, start = [], 0
-    for stage in range(pp):
-        size = base + (1 if stage < extra else 0)
-        ranges.append(range(start, start + size))
-        start += size
-    return tuple(ranges)
+    return tuple(stage_layer_range(num_layers, pp, stage) for stage in range(pp))
 
 
 def tp_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
@@ -59,11 +60,7 @@ def tp_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> range:
     _check_head_split(num_kv_heads, tp)
     if not 0 <= tp_rank < tp:
         raise ValueError(f"tp rank {tp_rank} is outside 0..{tp - 1}")
-    if tp <= num_kv_heads:
-        per_rank = num_kv_heads // tp
-        return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
-    head = tp_rank // (tp // num_kv_heads)
-    return range(head, head + 1)
+    return kv_head_range(num_kv_heads, tp, tp_rank)
 
 
 def tp_head_holders(num_kv_heads: int, tp: int, head: int) -> range:
@@ -116,31 +113,38 @@ class PrefillLayout:
         """tp ranks (not mesh ranks) holding `head`."""
         return tp_head_holders(self.num_kv_heads, self.tp, head)
 
-    def num_local_rows(self, num_tokens: int) -> int:
-        """Rows of every CP rank's local K/V for one sequence of `num_tokens` tokens (padding included; cp = 1
-        does not shard, so no padding)."""
-        _check_positive("num_tokens", num_tokens)
-        return num_tokens if self.cp == 1 else 2 * -(-num_tokens // (2 * self.cp))
-
-    def packed_row_starts(self, query_lens: Sequence[int]) -> list[int]:
-        """Where each sequence's rows begin in a packed step's local K/V (the same on every rank): slice
-        `kv[start:start + num_local_rows(T)]` to get one sequence's rows for `kv_transfer.plan.pack`."""
-        starts, total = [], 0
-        for num_tokens in query_lens:
-            starts.append(total)
-            total += self.num_local_rows(num_tokens)
-        return starts
-
     def token_positions(self, rank: int, num_tokens: int) -> torch.Tensor:
-        """Position of each local K/V row of `rank` for one sequence (PADDING = -1 on padding rows), int64."""
+        """Position in the sequence of each of `rank`'s K/V rows for one fresh sequence (int64, a new tensor):
+        what `CPHookRows.positions` holds on a one-sequence CP step, `arange(num_tokens)` when cp = 1."""
         _check_positive("num_tokens", num_tokens)
         return _cp_positions(num_tokens, self.cp, self.coords(rank)["cp"]).clone()
 
+    def num_local_rows(self, rank: int, num_tokens: int) -> int:
+        """How many K/V rows `rank` holds for one fresh sequence of `num_tokens` tokens (padding dropped)."""
+        _check_positive("num_tokens", num_tokens)
+        return _cp_positions(num_tokens, self.cp, self.coords(rank)["cp"]).numel()
+
+    def packed_row_starts(self, rank: int, query_lens: Sequence[int]) -> list[int]:
+        """Where each sequence's rows begin in `rank`'s layer-hook K/V of a packed step of fresh sequences: slice
+        `k[start:start + num_local_rows(rank, T)]` to hand one sequence to `kv_transfer.plan.pack`."""
+        starts, total = [], 0
+        for num_tokens in query_lens:
+            starts.append(total)
+            total += self.num_local_rows(rank, num_tokens)
+        return starts
+
     def token_runs(self, rank: int, num_tokens: int) -> tuple[TokenRun, ...]:
-        """The real tokens of `rank`'s local rows as maximal runs (consecutive rows holding consecutive positions),
-        in row order."""
+        """`rank`'s tokens of one fresh sequence as maximal runs (consecutive rows holding consecutive
+        positions), in row order: at most two (chunk i, chunk 2N-1-i), one when they are adjacent."""
         _check_positive("num_tokens", num_tokens)
         return _cp_runs(num_tokens, self.cp, self.coords(rank)["cp"])
+
+    @classmethod
+    def from_mesh(cls, shape: MeshShape, config: ModelConfig) -> PrefillLayout:
+        """The layout of a prefill replica running `config` on mesh `shape` (validated by the mesh's rules)."""
+        shape.validate(config)
+        return cls(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, cp=shape.cp,
+                   tp=shape.tp)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,29 +185,35 @@ class DecodeLayout:
         """tp ranks (not mesh ranks) holding `head`."""
         return tp_head_holders(self.num_kv_heads, self.tp, head)
 
+    @classmethod
+    def from_mesh(cls, shape: MeshShape, config: ModelConfig, block_size: int) -> DecodeLayout:
+        """The layout of a decode replica running `config` on mesh `shape` with paged blocks of `block_size`."""
+        if shape.cp != 1:
+            raise ValueError(f"DecodeLayout: decode meshes have cp=1 here (a cp-replicated decode mesh is not "
+                             f"planned for yet), got cp={shape.cp}")
+        shape.validate(config)
+        return cls(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, tp=shape.tp,
+                   block_size=block_size)
+
 
 @lru_cache(maxsize=256)
 def _cp_positions(num_tokens: int, cp: int, cp_rank: int) -> torch.Tensor:
-    # Delegates to the model's own sharding rule so the two can never drift apart; cp = 1 does not shard (the
-    # model emits the sequence's rows in order, unpadded). Cached: plans for the same prompt length on the same
-    # mesh are common; callers get a clone or a derived tuple, never this tensor.
+    # Delegates to the model's own sharding rule so the two can never drift apart. Cached: plans for the same
+    # prompt length on the same mesh are common; callers get a clone, a count or a derived tuple, never this tensor.
     if cp == 1:
         return torch.arange(num_tokens, dtype=torch.long)
-    return shard_plan([num_tokens], cp).token_indices[cp_rank]
+    positions = shard_plan([num_tokens], cp).token_indices[cp_rank]
+    return positions[positions != PADDING]  # the hook drops padding rows; they only ever trail
 
 
 @lru_cache(maxsize=256)
 def _cp_runs(num_tokens: int, cp: int, cp_rank: int) -> tuple[TokenRun, ...]:
     positions = _cp_positions(num_tokens, cp, cp_rank)
-    rows = torch.nonzero(positions != PADDING).flatten()
-    if rows.numel() == 0:
+    if positions.numel() == 0:
         return ()
-    real = positions[rows]
-    # A run breaks where either the row or the position does not follow the previous one.
-    breaks = torch.nonzero((rows[1:] != rows[:-1] + 1) | (real[1:] != real[:-1] + 1)).flatten() + 1
-    starts = [0, *breaks.tolist()]
-    ends = [*breaks.tolist(), rows.numel()]
-    return tuple(TokenRun(int(rows[s]), int(real[s]), e - s) for s, e in zip(starts, ends))
+    breaks = (torch.nonzero(positions[1:] != positions[:-1] + 1).flatten() + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, positions.numel()]
+    return tuple(TokenRun(s, int(positions[s]), e - s) for s, e in zip(starts, ends))
 
 
 def _validate_common(layout: PrefillLayout | DecodeLayout, name: str) -> None:

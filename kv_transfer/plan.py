@@ -168,9 +168,10 @@ def pack(plan: TransferPlan, src_rank: int,
 
     `src_kv_per_layer`: a mapping global layer -> (k, v) packs just those layers (layer-wise pushing: pass one
     layer as soon as the model's layer hook yields it), or a sequence of (k, v) for every layer of the rank's
-    stage in order. k, v: `[local_rows, local_heads, head_dim]`, the rank's rows for this sequence as the model
-    emits them (CP shard order, padding rows included or cut off after the last real one). Returns new
-    contiguous tensors on k's device; keep them alive until their sends complete.
+    stage in order. k, v: `[local_rows, local_heads, head_dim]`, the rank's rows of this sequence as its layer
+    hook gives them (CP shard order, padding dropped; `PrefillLayout.packed_row_starts` locates a sequence in a
+    packed step; trailing rows beyond the last one the plan reads are ignored). Returns new contiguous tensors on
+    k's device; keep them alive until their sends complete.
     """
     stage = plan.src.layer_range(src_rank)
     kv_by_layer = _by_global_layer(src_kv_per_layer, stage, f"prefill rank {src_rank}")

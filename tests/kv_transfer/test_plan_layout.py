@@ -13,8 +13,10 @@ from kv_transfer.mesh_layout import (
     tp_head_holders,
     tp_head_range,
 )
-from mesh.cp_sharding import PADDING, shard, shard_plan
-from mesh.parallel import MeshShape
+from mesh.config import ModelConfig
+from mesh.context_parallel import CPHookRows, CPRates, CPStep
+from mesh.kv_layout import kv_head_range
+from mesh.parallel import MeshShape, stage_layer_range
 
 
 @pytest.mark.parametrize("num_layers, pp, expected", [
@@ -32,6 +34,7 @@ def test_stage_layer_ranges_cover_every_layer_once_and_balance():
     for num_layers in range(1, 20):
         for pp in range(1, num_layers + 1):
             ranges = stage_layer_ranges(num_layers, pp)
+            assert list(ranges) == [stage_layer_range(num_layers, pp, stage) for stage in range(pp)]  # the model's
             assert [l for r in ranges for l in r] == list(range(num_layers))
             sizes = [len(r) for r in ranges]
             assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
@@ -45,7 +48,7 @@ def test_stage_layer_ranges_refuse_more_stages_than_layers():
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4, 8])
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_head_ranges_follow_the_models_shard_rule(num_kv_heads, tp):
-    # mesh.model.Attention: num_kv_shards = min(tp, H); local heads H / shards; shard index tp_rank * shards // tp.
+    # The rule, spelled out: num_kv_shards = min(tp, H); local heads H / shards; shard index tp_rank * shards // tp.
     num_shards = min(tp, num_kv_heads)
     per_rank = num_kv_heads // num_shards
     holders: dict[int, list[int]] = {}
@@ -53,6 +56,7 @@ def test_head_ranges_follow_the_models_shard_rule(num_kv_heads, tp):
         shard_index = tp_rank * num_shards // tp
         heads = tp_head_range(num_kv_heads, tp, tp_rank)
         assert heads == range(shard_index * per_rank, (shard_index + 1) * per_rank)
+        assert heads == kv_head_range(num_kv_heads, tp, tp_rank)  # what mesh.decoder's attention takes
         for head in heads:
             holders.setdefault(head, []).append(tp_rank)
     assert sorted(holders) == list(range(num_kv_heads))
@@ -78,53 +82,53 @@ def test_rank_coordinates_match_the_mesh_rank_layout():
     assert decode.layer_range(5) == range(3, 6) and decode.head_range(5) == range(1, 2)
 
 
+def hook_rows(query_lens: list[int], cp: int, cp_rank: int) -> CPHookRows:
+    """What the model's layer hook receives on cp rank `cp_rank` of a CP prefill step (mesh.context_parallel)."""
+    input_ids = torch.zeros(sum(query_lens), dtype=torch.long)
+    return CPStep.build(input_ids, query_lens, [0] * len(query_lens), cp_size=cp, cp_rank=cp_rank, group=None,
+                        cp_mode="pass-kv", heads=(1, 1, 1), dtype_bytes=4, rates=CPRates()).hook_rows
+
+
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
 @pytest.mark.parametrize("num_tokens", [1, 2, 5, 7, 8, 16, 23, 24, 25])
-def test_token_runs_describe_the_cp_shard_rows(cp, num_tokens):
+def test_token_rows_are_the_rows_the_layer_hook_receives(cp, num_tokens):
     layout = PrefillLayout(num_layers=2, num_kv_heads=2, cp=cp, tp=2)
-    x = torch.arange(num_tokens, dtype=torch.float64).view(-1, 1) + 1  # row p holds p + 1; padding holds 0
-    cp_plan = shard_plan([num_tokens], cp)
     seen = []
     for cp_rank in range(cp):
         rank = layout.rank_of(pp=0, cp=cp_rank, tp=1)
-        # cp = 1 does not shard at all: the model emits the sequence's rows in order, unpadded.
-        local = shard(x, cp_plan, cp_rank) if cp > 1 else x
-        assert local.shape[0] == layout.num_local_rows(num_tokens)
         positions = layout.token_positions(rank, num_tokens)
-        assert torch.equal(positions, cp_plan.token_indices[cp_rank] if cp > 1 else torch.arange(num_tokens))
+        # cp = 1 does not shard: the hook gets the step's rows in order.
+        want = hook_rows([num_tokens], cp, cp_rank).positions if cp > 1 else torch.arange(num_tokens)
+        assert torch.equal(positions, want)
+        assert layout.num_local_rows(rank, num_tokens) == want.numel()
         runs = layout.token_runs(rank, num_tokens)
         assert len(runs) <= 2
-        covered_rows = []
+        rows = []
         for run in runs:
             assert run.length >= 1
-            rows = torch.arange(run.src_row, run.src_row + run.length)
-            assert torch.equal(local[rows, 0], torch.arange(run.token_start, run.token_start + run.length) + 1.0)
-            covered_rows += rows.tolist()
+            assert positions[run.src_row:run.src_row + run.length].tolist() == list(
+                range(run.token_start, run.token_start + run.length))
+            rows += range(run.src_row, run.src_row + run.length)
             seen += range(run.token_start, run.token_start + run.length)
-        # Every real row is in a run, every other row is padding.
-        assert sorted(covered_rows) == torch.nonzero(positions != PADDING).flatten().tolist()
+        assert rows == list(range(positions.numel()))  # the runs tile the rows in order
     assert sorted(seen) == list(range(num_tokens))
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3])
 def test_packed_row_starts_locate_each_sequence_in_a_packed_step(cp):
     layout = PrefillLayout(num_layers=1, num_kv_heads=1, cp=cp)
-    query_lens = [5, 1, 12, 7]
-    starts = layout.packed_row_starts(query_lens)
-    if cp == 1:
-        assert starts == [0, 5, 6, 18]
-        return
-    cp_plan = shard_plan(query_lens, cp)
-    seq_starts = [0, 5, 6, 18]
+    query_lens = [5, 1, 12, 7, 2]
     for cp_rank in range(cp):
-        assert starts[-1] + layout.num_local_rows(query_lens[-1]) == cp_plan.num_local_tokens
-        for seq, (start, num_tokens) in enumerate(zip(starts, query_lens)):
-            rows = slice(start, start + layout.num_local_rows(num_tokens))
-            seq_ids = cp_plan.seq_ids[cp_rank][rows]
-            assert set(seq_ids.tolist()) <= {seq, PADDING}
-            packed = cp_plan.token_indices[cp_rank][rows]
-            alone = layout.token_positions(cp_rank, num_tokens)
-            assert torch.equal(torch.where(packed == PADDING, PADDING, packed - seq_starts[seq]), alone)
+        starts = layout.packed_row_starts(cp_rank, query_lens)
+        if cp == 1:
+            assert starts == [0, 5, 6, 18, 25]
+            continue
+        rows = hook_rows(query_lens, cp, cp_rank)
+        for seq, num_tokens in enumerate(query_lens):
+            mine = torch.nonzero(rows.seq_ids == seq).flatten()
+            count = layout.num_local_rows(cp_rank, num_tokens)
+            assert mine.tolist() == list(range(starts[seq], starts[seq] + count))
+            assert torch.equal(rows.positions[mine], layout.token_positions(cp_rank, num_tokens))
 
 
 def test_adjacent_middle_chunks_form_one_run():
@@ -167,3 +171,18 @@ def test_layouts_are_frozen():
     layout = DecodeLayout(num_layers=2, num_kv_heads=2)
     with pytest.raises(AttributeError):
         layout.tp = 2  # type: ignore[misc]
+
+
+def test_layouts_from_a_mesh_and_model_config():
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_layers=5, num_heads=8, num_kv_heads=2, head_dim=4, rope_theta=10000.0, rope_scaling=None,
+                         rms_norm_eps=1e-5, max_position_embeddings=128, tie_word_embeddings=False, qkv_bias=False,
+                         bos_token_id=None, eos_token_ids=(1,))
+    prefill = PrefillLayout.from_mesh(MeshShape(pp=2, cp=3, tp=4), config)
+    assert prefill == PrefillLayout(num_layers=5, num_kv_heads=2, pp=2, cp=3, tp=4)
+    decode = DecodeLayout.from_mesh(MeshShape(tp=8), config, block_size=16)
+    assert decode == DecodeLayout(num_layers=5, num_kv_heads=2, tp=8, block_size=16)
+    with pytest.raises(ValueError, match="decode meshes have cp=1"):
+        DecodeLayout.from_mesh(MeshShape(cp=2), config, block_size=16)
+    with pytest.raises(ValueError, match="tp=3"):
+        PrefillLayout.from_mesh(MeshShape(tp=3), config)

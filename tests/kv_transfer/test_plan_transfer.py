@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from kv_transfer.mesh_layout import DecodeLayout, PrefillLayout
 from kv_transfer.plan import Message, TransferPlan, pack, plan_transfer, unpack_into
-from mesh.cp_sharding import shard, shard_plan
+from mesh.cp_sharding import PADDING, shard, shard_plan
 
 HEAD_DIM = 3
 
@@ -26,14 +26,16 @@ HEAD_DIM = 3
 # ---- oracle -----------------------------------------------------------------------------------------------------
 
 def prefill_rank_kv(full: torch.Tensor, src: PrefillLayout, rank: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """What prefill rank `rank` holds for one sequence: global layer -> (k, v) `[local_rows, local_heads, D]`."""
+    """What prefill rank `rank`'s layer hook yields for one sequence: global layer -> (k, v) `[rows, local_heads,
+    D]`; on CP the rank's shard in shard order with the padding rows dropped (mesh.decoder does `k[is_real]`)."""
     num_tokens = full.shape[2]
     cp_plan = shard_plan([num_tokens], src.cp)
     cp_rank = src.coords(rank)["cp"]
+    is_real = cp_plan.token_indices[cp_rank] != PADDING
     heads = src.head_range(rank)
 
-    def rows(x: torch.Tensor) -> torch.Tensor:  # cp = 1 does not shard: all rows, in order, unpadded
-        return shard(x, cp_plan, cp_rank) if src.cp > 1 else x.clone()
+    def rows(x: torch.Tensor) -> torch.Tensor:  # cp = 1 does not shard: all rows, in order
+        return shard(x, cp_plan, cp_rank)[is_real] if src.cp > 1 else x.clone()
 
     return {layer: tuple(rows(full[layer, side, :, heads.start:heads.stop]) for side in (0, 1))
             for layer in src.layer_range(rank)}
@@ -62,16 +64,14 @@ def expected_cache(full: torch.Tensor, dst: DecodeLayout, rank: int, before: lis
 
 
 def execute(plan: TransferPlan, full: torch.Tensor, caches: dict[int, list[torch.Tensor]], *, is_layerwise: bool,
-            trim_padding: bool, rng: random.Random) -> dict[int, list[Message]]:
+            extra_rows: bool, rng: random.Random) -> dict[int, list[Message]]:
     """Pack on every prefill rank, deliver in a shuffled order, unpack on every decode rank. Returns the
     messages each decode rank received."""
     inbox: dict[int, list[Message]] = {rank: [] for rank in caches}
     for src_rank in range(plan.src.world_size):
         kv = prefill_rank_kv(full, plan.src, src_rank)
-        if trim_padding:  # a model may emit only up to its last real row (cp = 1 does not pad at all)
-            runs = plan.src.token_runs(src_rank, plan.num_tokens)
-            last = max((r.src_row + r.length for r in runs), default=0)
-            kv = {layer: (k[:last], v[:last]) for layer, (k, v) in kv.items()}
+        if extra_rows:  # rows past the sequence's (the next sequence of a packed step, or padding) are ignored
+            kv = {layer: tuple(torch.cat([t, torch.full_like(t[:1], 7.0)]) for t in pair) for layer, pair in kv.items()}
         batches = [{layer: pair} for layer, pair in kv.items()] if is_layerwise else [list(kv.values())]
         for batch in batches:
             for dst_rank, messages in pack(plan, src_rank, batch):
@@ -109,7 +109,7 @@ def prompt_mask(dst: DecodeLayout, rank: int, block_ids: list[int], num_tokens: 
 
 
 def check_transfer(src: PrefillLayout, dst: DecodeLayout, num_tokens: int, *, seed: int, num_extra_blocks: int = 3,
-                   is_layerwise: bool = False, trim_padding: bool = False, count_writes: bool = True,
+                   is_layerwise: bool = False, extra_rows: bool = False, count_writes: bool = True,
                    dtype=torch.float32) -> TransferPlan:
     rng = random.Random(seed)
     num_needed = -(-num_tokens // dst.block_size)
@@ -120,7 +120,7 @@ def check_transfer(src: PrefillLayout, dst: DecodeLayout, num_tokens: int, *, se
     plan = plan_transfer(src, dst, num_tokens, block_ids)
     before = {rank: decode_cache(dst, rank, num_blocks, seed, dtype) for rank in range(dst.world_size)}
     caches = {rank: [t.clone() for t in tensors] for rank, tensors in before.items()}
-    inbox = execute(plan, full, caches, is_layerwise=is_layerwise, trim_padding=trim_padding, rng=rng)
+    inbox = execute(plan, full, caches, is_layerwise=is_layerwise, extra_rows=extra_rows, rng=rng)
     for rank in range(dst.world_size):
         expected = expected_cache(full, dst, rank, before[rank], block_ids)
         for layer, got, want in zip(dst.layer_range(rank), caches[rank], expected):
@@ -188,7 +188,7 @@ def test_head_subset_copies_write_only_their_heads():
     # Prefill TP4 x CP2 -> decode TP1: each decode block row is filled by 4 sources x 2 CP ranks.
     src = PrefillLayout(num_layers=2, num_kv_heads=8, tp=4, cp=2)
     dst = DecodeLayout(num_layers=2, num_kv_heads=8, block_size=16)
-    plan = check_transfer(src, dst, 50, seed=5, trim_padding=True)
+    plan = check_transfer(src, dst, 50, seed=5, extra_rows=True)
     assert len(plan.copies) == 8 and all(len(c.heads) == 2 for c in plan.copies)
 
 
@@ -257,10 +257,10 @@ def transfer_cases(draw):
     num_tokens = draw(st.integers(min_value=1, max_value=70))
     return dict(src=src, dst=dst, num_tokens=num_tokens, seed=draw(st.integers(0, 2**16)),
                 num_extra_blocks=draw(st.integers(0, 4)), is_layerwise=draw(st.booleans()),
-                trim_padding=draw(st.booleans()))
+                extra_rows=draw(st.booleans()))
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(transfer_cases())
 def test_random_layout_pairs_deliver_bitwise_and_write_once(case):
     check_transfer(**case, count_writes=case["seed"] % 3 == 0)

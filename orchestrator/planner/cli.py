@@ -78,7 +78,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
 def _traffic(args):
     import yaml
 
-    from orchestrator.planner.traffic import Traffic
+    from orchestrator.planner.traffic import TRAFFIC_KEYS, Traffic
 
     raw: dict = {"rate": 1.0, "input_len": "1024", "output_len": "256"}
     if args.traffic:
@@ -90,6 +90,9 @@ def _traffic(args):
             raise ValueError(f"--traffic: {args.traffic} is not valid YAML/JSON: {error}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--traffic: {args.traffic} must hold a mapping")
+        unknown = sorted(set(loaded) - set(TRAFFIC_KEYS))
+        if unknown:
+            raise ValueError(f"--traffic: {args.traffic}: unknown keys {unknown}; allowed: {list(TRAFFIC_KEYS)}")
         raw.update(loaded)
     for flag, key in (("rate", "rate"), ("input_len", "input_len"), ("output_len", "output_len"),
                       ("ttft_ms", "ttft_ms"), ("tpot_ms", "tpot_ms"), ("quantile", "quantile")):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 _UNIFORM_POINTS = 16
+TRAFFIC_KEYS = ("rate", "input_len", "output_len", "ttft_ms", "tpot_ms", "quantile")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +122,7 @@ class Traffic:
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], *, where: str = "traffic") -> Traffic:
         """Keys: rate (requests/s), input_len, output_len (length specs), ttft_ms, tpot_ms, quantile."""
-        allowed = {"rate", "input_len", "output_len", "ttft_ms", "tpot_ms", "quantile"}
+        allowed = set(TRAFFIC_KEYS)
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: expected a mapping with keys {sorted(allowed)}")
         unknown = sorted(set(raw) - allowed)

@@ -168,3 +168,15 @@ def test_first_token_stop_releases_the_reservation(llama_cluster):
     assert sum(len(c.token_ids) for c in chunks) == 0
     blocks = _wait_blocks_full(cluster)
     assert blocks["num_free"] == blocks["num_total"], f"reservation leaked: {blocks}"
+
+
+def test_deadline_cancels_the_request_everywhere(llama_cluster):
+    cluster, _ = llama_cluster
+    started = time.monotonic()
+    with Client(cluster.address, timeout=1.0) as client:
+        with pytest.raises(PdclusterError) as err:
+            list(client.generate(token_ids=list(range(30, 90)), max_tokens=800, ignore_eos=True))
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 5
+    blocks = _wait_blocks_full(cluster)
+    assert blocks["num_free"] == blocks["num_total"], f"the expired request kept its KV blocks: {blocks}"

@@ -118,7 +118,8 @@ class Plan:
 
 # --- candidates ---------------------------------------------------------------------------------------------------
 
-def candidate_meshes(model: ModelShape, tier: str, gpu: GpuSpec, options: SearchOptions) -> list[tuple[MeshShape, str | None]]:
+def candidate_meshes(model: ModelShape, tier: str, gpu: GpuSpec,
+                     options: SearchOptions) -> list[tuple[MeshShape, str | None]]:
     """Every mesh worth judging for `tier`, with why it cannot be used (None: usable). Decode has cp = 1 (context
     parallelism serves long prefills); MoE models also try ep = cp * tp."""
     limit = options.max_gpus_per_replica
@@ -248,7 +249,8 @@ def evaluate_decode(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, traffic: T
     capacity = math.inf if steps <= 0 else num_seqs / (phase.latency_s * steps)
     return TierCandidate(tier="decode", gpu=gpu, mesh=mesh, is_kept=True, memory=memory, phase=phase,
                          latency_s=phase.latency_s, batch_size=num_seqs, requests_per_s=capacity,
-                         reason=f"batch {num_seqs} (limited by {limit}), {capacity / mesh.world_size:.3g} req/s per GPU")
+                         reason=(f"batch {num_seqs} (limited by {limit}), "
+                                 f"{capacity / mesh.world_size:.3g} req/s per GPU"))
 
 
 def evaluate_tier(model: ModelShape, tier: str, gpus: list[GpuSpec], traffic: Traffic,
@@ -407,11 +409,12 @@ def _tpot_refusal(model, fitting, traffic, options) -> PlanInfeasible:
     max_tp = max(c.mesh.tp for c in fitting)
     target = traffic.tpot_target_s
     if target < floor.phase.memory_bound_s:
-        weights = floor.memory.weights_bytes
+        read = floor.phase.memory_bound_s * floor.gpu.hbm_bytes_per_s
         return PlanInfeasible("tpot", (
             f"TPOT target {_ms(target)} is below the memory-bandwidth floor {_ms(floor.phase.memory_bound_s)} for "
-            f"tp<={max_tp} ({_mesh_text(floor.mesh)} on {floor.gpu.name}: every step reads "
-            f"{_gb(weights)} of weights per GPU at {floor.gpu.hbm_bytes_per_s / 1e12:.2f} TB/s, plus the KV cache)"))
+            f"tp<={max_tp} ({_mesh_text(floor.mesh)} on {floor.gpu.name}: every step reads {_gb(read)} per GPU, "
+            f"weights and KV cache summed over the stages a token crosses, at {floor.gpu.hbm_bytes_per_s / 1e12:.2f} "
+            "TB/s)"))
     p = best.phase
     return PlanInfeasible("tpot", (
         f"TPOT target {_ms(target)} is below the best achievable {_ms(best.latency_s)} at batch 1 "

@@ -323,11 +323,3 @@ def kv_transfer_time(model: ModelShape, *, num_tokens: int, link_bytes_per_s: fl
     exposed = max(latency_s + num_bytes / layers / link_bytes_per_s, total - prefill_latency_s * (layers - 1) / layers)
     return KVTransferTime(num_bytes=num_bytes, total_s=total, exposed_s=exposed)
 
-
-def decode_context_len(mean_input: float, mean_output: float) -> float:
-    """Mean context a decode step attends over: the prompt plus, on average, half the output."""
-    return mean_input + mean_output / 2
-
-
-def ceil_div(a: float, b: float) -> int:
-    return int(math.ceil(a / b - 1e-12))

@@ -28,11 +28,10 @@ def _row(candidate: TierCandidate, chosen: TierCandidate) -> list[str]:
         verdict = f"rejected: {candidate.reason}"
     batch = "-" if candidate.batch_size is None else str(candidate.batch_size)
     memory = candidate.memory.total_bytes if candidate.memory is not None else None
-    throughput = candidate.is_kept
     return [candidate.gpu.name, str(m.tp), str(m.cp), str(m.pp), str(m.ep), str(m.world_size),
             _ms(candidate.latency_s), batch, _gb(memory),
-            _rate(candidate.requests_per_s) if throughput else "-",
-            _rate(candidate.requests_per_s_per_gpu) if throughput else "-", verdict]
+            _rate(candidate.requests_per_s) if candidate.is_kept else "-",
+            _rate(candidate.requests_per_s_per_gpu) if candidate.is_kept else "-", verdict]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     make.add_argument("--force", action="store_true")
     make.set_defaults(func=cmd_make_model)
+
+    from orchestrator.planner.cli import add_subcommands as add_planner_subcommands
+
+    add_planner_subcommands(sub)  # pdcluster plan, pdcluster calibrate
     return parser
 
 

@@ -124,6 +124,7 @@ class ClusterConfig:
     metrics: EndpointSection = field(default_factory=EndpointSection)  # Prometheus /metrics
     gateway: EndpointSection = field(default_factory=EndpointSection)  # OpenAI-compatible HTTP API
     logging: LoggingSection = field(default_factory=LoggingSection)
+    launch: "LaunchSection | None" = None  # the Ray cluster `pdcluster launch` starts (orchestrator/config_launch.py)
     source: str = ""  # file it came from, for messages
 
     def tiers(self) -> tuple[TierSection, TierSection]:
@@ -295,6 +296,12 @@ def _parse_router_security(router_raw: dict, base_dir: Path | None) -> dict:
     return fields
 
 
+def _parse_launch(raw: dict):
+    from orchestrator.config_launch import parse_launch  # lazy: that module builds on the helpers above
+
+    return parse_launch(raw)
+
+
 def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") -> ClusterConfig:
     """Validate a parsed YAML document. `base_dir` resolves a relative model path (the YAML file's folder)."""
     if raw is None:
@@ -302,7 +309,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")
     _reject_unknown(raw, ("model", "router", "prefill", "decode", "kv_transfer", "ray", "metrics", "gateway",
-                         "logging"), "")
+                         "logging", "launch"), "")
 
     model_raw = _section(raw, "model")
     _reject_unknown(model_raw, ("path", "preset", "dtype", "name"), "model.")
@@ -365,10 +372,15 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         metrics=_parse_endpoint(_section(raw, "metrics"), "metrics"),
         gateway=_parse_endpoint(_section(raw, "gateway"), "gateway"),
         logging=_parse_logging(_section(raw, "logging")),
+        launch=_parse_launch(raw),
         source=source,
     )
     if config.kv_transfer.backend == "nccl":
         raise ConfigError("kv_transfer.backend", "'nccl' is not available in this release yet; use 'ucx'")
+    if config.launch is not None:  # the file is served on the cluster it launches: Ray is that cluster
+        from orchestrator.config_launch import apply_launch_rules
+
+        config = dataclasses.replace(config, ray=apply_launch_rules(config.launch, config.ray, config.tiers()))
     for tier in config.tiers():
         if tier.mesh.world_size != 1 or tier.mesh.ep != 1:
             raise ConfigError(f"{tier.name}.mesh", "multi-rank meshes are not available in this release yet; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence as SequenceOf
+from typing import Protocol
 
 import torch
 
@@ -29,9 +30,65 @@ from decode_tier.scheduler import (
 )
 from mesh.kv_cache import allocate_kv_cache
 from mesh.model import AttentionBatch, CausalLM
+from mesh.pipeline import forward_micro_batched
 from mesh.sampling import SamplingParams, sample
 
-__all__ = ["DecodeEngine", "FinishReason", "OutOfBlocks", "StepOutput"]
+__all__ = ["DecodeEngine", "FinishReason", "OutOfBlocks", "StepOutput", "StepPeers", "StepRunner"]
+
+
+class StepPeers(Protocol):
+    """The other ranks of a multi-rank decode replica, as rank 0's engine sees them (decode_tier/rank_worker.py).
+    Called from the step thread, once each per step, in this order."""
+
+    holds_logits: bool  # whether rank 0 itself samples (False with pipeline stages: the last stage does)
+
+    def share_plan(self, plan: DecodePlan) -> None:
+        """Hand the step to every other rank (they run the same forward on their shards)."""
+
+    def share_tokens(self, sampled_token_ids: list[int] | None) -> list[int]:
+        """The step's sampled tokens, from whichever rank holds the logits."""
+
+
+class StepRunner:
+    """Runs one `DecodePlan`'s forward on one rank's model shard and KV cache shard, and samples.
+
+    Who calls it: the engine on rank 0, and every other rank of the replica with the plans rank 0 broadcasts
+    (decode_tier/rank_worker.py), so all ranks run the same step in lockstep (their collectives pair up)."""
+
+    def __init__(self, model: CausalLM, kv_cache: list[torch.Tensor], max_num_seqs: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        device = kv_cache[0].device
+        # Step inputs live in fixed buffers; a step only fills a prefix of them.
+        self._input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self._positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        self._logits_indices = torch.arange(max_num_seqs, dtype=torch.long, device=device)
+        self._query_lens = [1] * max_num_seqs
+
+    @torch.inference_mode()
+    def run(self, plan: DecodePlan, *, sample_tokens: bool = True) -> list[int] | None:
+        """The batched forward (query length 1 per sequence; the model writes each new token's K/V into its
+        block), then the sampling when `sample_tokens` and this rank holds the logits (None otherwise)."""
+        num_seqs = len(plan)
+        input_ids = self._input_ids[:num_seqs]
+        positions = self._positions[:num_seqs]
+        input_ids.copy_(torch.tensor(plan.input_token_ids, dtype=torch.long), non_blocking=True)
+        positions.copy_(torch.tensor(plan.positions, dtype=torch.long), non_blocking=True)
+        batch = AttentionBatch(
+            query_lens=self._query_lens[:num_seqs],
+            context_lens=list(plan.context_lens),
+            block_tables=[list(table) for table in plan.block_tables],
+            logits_indices=self._logits_indices[:num_seqs],
+        )
+        if self.model.dims.pp_size > 1:
+            # Micro-batches keep the pipeline stages busy; logits arrive on the last stage only.
+            logits = forward_micro_batched(self.model, input_ids, positions, batch, self.kv_cache,
+                                           num_micro_batches=min(self.model.dims.pp_size, num_seqs))
+        else:
+            logits = self.model(input_ids, positions, batch, self.kv_cache)
+        if not sample_tokens or logits is None:
+            return None
+        return sample(logits, list(plan.params), list(plan.output_indices)).tolist()
 
 
 class DecodeEngine:
@@ -43,7 +100,9 @@ class DecodeEngine:
     Batching: FCFS by admission; a step runs the oldest max_num_seqs running sequences and the rest wait.
     """
 
-    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_num_seqs: int) -> None:
+    def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 peers: StepPeers | None = None) -> None:
+        """peers: the other ranks of a multi-rank replica (None: this rank is the whole replica)."""
         self.model = model
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -59,11 +118,8 @@ class DecodeEngine:
         # One tensor per layer: [num_blocks, 2, block_size, num_kv_heads_local, head_dim].
         self.kv_cache: list[torch.Tensor] = allocate_kv_cache(model, num_blocks=num_blocks, block_size=block_size)
         self.device = self.kv_cache[0].device
-        # Step inputs live in fixed buffers; a step only fills a prefix of them.
-        self._input_ids = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
-        self._positions = torch.zeros(max_num_seqs, dtype=torch.long, device=self.device)
-        self._logits_indices = torch.arange(max_num_seqs, dtype=torch.long, device=self.device)
-        self._query_lens = [1] * max_num_seqs
+        self.runner = StepRunner(model, self.kv_cache, max_num_seqs)
+        self._peers = peers
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()  # one step at a time, whoever calls it
 
@@ -143,24 +199,23 @@ class DecodeEngine:
         with self._lock:
             return self.scheduler.schedule()
 
-    @torch.inference_mode()
     def run(self, plan: DecodePlan) -> list[int]:
         """The batched forward (query length 1 per sequence; the model writes each new token's K/V into its
-        block) and the sampling. Reads only the plan and the cache, so it runs without the lock."""
-        num_seqs = len(plan)
-        input_ids = self._input_ids[:num_seqs]
-        positions = self._positions[:num_seqs]
-        input_ids.copy_(torch.tensor(plan.input_token_ids, dtype=torch.long), non_blocking=True)
-        positions.copy_(torch.tensor(plan.positions, dtype=torch.long), non_blocking=True)
-        batch = AttentionBatch(
-            query_lens=self._query_lens[:num_seqs],
-            context_lens=list(plan.context_lens),
-            block_tables=[list(table) for table in plan.block_tables],
-            logits_indices=self._logits_indices[:num_seqs],
-        )
-        logits = self.model(input_ids, positions, batch, self.kv_cache)
-        sampled = sample(logits, list(plan.params), list(plan.output_indices))
-        return sampled.tolist()
+        block) and the sampling. Reads only the plan and the cache, so it runs without the lock. On a multi-rank
+        replica the plan goes to the other ranks first (they run the same forward on their shards) and the
+        sampled tokens come from the rank that holds the logits."""
+        if self._peers is None:
+            return self.runner.run(plan)
+        self._peers.share_plan(plan)
+        try:
+            sampled = self.runner.run(plan, sample_tokens=self._peers.holds_logits)
+        except BaseException:
+            try:  # still take part, so the channel stays in step; then fail the step with the forward's error
+                self._peers.share_tokens(None)
+            except Exception:
+                pass
+            raise
+        return self._peers.share_tokens(sampled)
 
     def postprocess(self, plan: DecodePlan, sampled_token_ids: SequenceOf[int]) -> list[StepOutput]:
         with self._lock:

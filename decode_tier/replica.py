@@ -1,11 +1,18 @@
 """The decode replica: a Ray async actor around a `DecodeEngine`.
 
 Who calls it: the router's cluster backend (orchestrator/cluster.py), in this order per request:
-  1. `reserve(...)`  -> blocks are taken from the pool and the KV receiver waits for the prompt's KV (with a lease);
-  2. the prefill replica pushes the KV straight into those blocks (kv_transfer);
-  3. `generate(...)` (a streaming generator) admits the sequence once every layer has landed and yields token
-     batches until the request finishes; closing the stream or `abort(...)` frees the blocks at once.
+  1. `reserve(...)`  -> blocks are taken from the pool and every rank posts the receives of its share of the
+     prompt's KV into them (with a lease);
+  2. every prefill rank pushes its own KV shard straight to the decode ranks that need it (kv_transfer);
+  3. `generate(...)` (a streaming generator) admits the sequence once every rank has all of its share and yields
+     token batches until the request finishes; closing the stream or `abort(...)` frees the blocks at once.
 The engine step runs in one worker thread so the event loop stays free for reservations, KV receives and streams.
+
+A replica is `world = pp * tp` ranks. This actor is rank 0: it owns the scheduler (the block table of every
+request is the same on every rank), its own cache shard and KV server, and drives ranks 1..world-1
+(decode_tier/rank_worker.py): per request over Ray calls (post, wait, abort of their receives), per step over the
+control channel (mesh/rank_group.py: rank 0 broadcasts the `DecodePlan`, the logits rank returns the tokens).
+Blocks are freed only after every rank's receiver has given them up, so no late KV write lands in a reused block.
 """
 
 from __future__ import annotations
@@ -13,23 +20,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from decode_tier.block_pool import OutOfBlocks
 from decode_tier.engine import DecodeEngine
-from kv_transfer.session import KVReceiver, TransferAborted
-from kv_transfer.transport import get_transport
-from mesh.model import CausalLM
+from decode_tier.rank_worker import MeshStepPeers, join_and_load, node_host
+from kv_transfer.mesh_layout import PrefillLayout
+from kv_transfer.mesh_session import MeshReservation, RankKVReceiver
+from kv_transfer.transport import TransferStats, get_transport
+from mesh.parallel import MeshShape
+from mesh.rank_group import open_rendezvous
 from mesh.sampling import SamplingParams
 
 log = logging.getLogger("pdcluster.decode")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ReservationRefused(RuntimeError):
@@ -38,76 +46,142 @@ class ReservationRefused(RuntimeError):
 
 @dataclass
 class _Pending:
-    kv_task: asyncio.Task  # resolves with transfer stats when every layer has landed
+    kv_task: asyncio.Task  # resolves with transfer stats when every rank's share has landed
     reserved_at: float
 
 
 class DecodeReplica:
+    """Rank 0 of a decode replica (the whole replica when its mesh has one rank). `mesh`: this tier's degrees
+    (pp, tp); `prefill_mesh`: the prefill tier's (pp, cp, tp), which the ranks post their receives for unless a
+    reservation names another; `workers`: the actor handles of ranks 1..world-1, in rank order."""
+
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, num_kv_blocks: int, block_size: int,
                  max_num_seqs: int, kv_backend: str, kv_token: str, lease_s: float, num_threads: int = 1,
-                 checksum: bool = False):
+                 checksum: bool = False, mesh: MeshShape | None = None, prefill_mesh: MeshShape | None = None,
+                 workers: Sequence = ()):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
+        self._model_path = model_path
+        self._dtype = dtype
+        self._num_kv_blocks = num_kv_blocks
+        self._block_size = block_size
+        self._max_num_seqs = max_num_seqs
         self._kv_backend = kv_backend
         self._kv_token = kv_token
         self._lease_s = lease_s
         self._checksum = checksum
-        self._model = CausalLM.load(model_path, dtype=_DTYPES[dtype])
-        self._engine = DecodeEngine(self._model, num_blocks=num_kv_blocks, block_size=block_size,
-                                    max_num_seqs=max_num_seqs)
+        self._shape = mesh or MeshShape()
+        self._prefill_shape = prefill_mesh or MeshShape()
+        self._workers = list(workers)
+        if len(self._workers) != self._shape.world_size - 1:
+            raise ValueError(f"{replica_id}: a {self._shape.world_size}-rank mesh needs "
+                             f"{self._shape.world_size - 1} worker ranks, got {len(self._workers)}")
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-step")
         self._pending: dict[str, _Pending] = {}
         self._streams: dict[str, asyncio.Queue] = {}
         self._num_steps = 0
         self._started = False
+        self._mesh_failure: str | None = None  # a step failed on a multi-rank mesh: ranks may be out of step
 
     async def start(self, host: str | None = None) -> dict:
-        """Start the KV server and the engine loop; returns what the router needs to know about this replica.
-        `host`: the address prefill replicas reach the KV server on (default: this node's IP as Ray sees it)."""
+        """Bring the mesh up (every rank joins the world, loads its shard, allocates its cache and starts its KV
+        server), then start the engine loop; returns what the router needs to know about this replica.
+        `host`: the address prefill ranks reach rank 0's KV server on (default: `node_host()`)."""
         if not self._started:
-            if host is None:
-                import ray  # only the actor's own node knows its address
-
-                # A local (one-machine) deployment keeps KV traffic on loopback (PDCLUSTER_KV_HOST, set by
-                # orchestrator/deploy.py); on a real cluster the node's address is what other nodes reach.
-                host = os.environ.get("PDCLUSTER_KV_HOST") or (
-                    ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1")
+            host = host or node_host()
+            self._engine, self._layout, worker_infos = await self._bring_up()
             self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
             self._kv_address = await self._server.start(host)
-            self._receiver = KVReceiver(self._server, self._engine.kv_cache, self._engine.block_size,
-                                        checksum=self._checksum)
+            self._receiver = RankKVReceiver(self._server, self._engine.kv_cache, self._layout, 0,
+                                            checksum=self._checksum)
+            self._kv_addresses = [self._kv_address] + [info["kv_address"] for info in worker_infos]
             self._wake = asyncio.Event()
             self._loop_task = asyncio.create_task(self._engine_loop())
             self._started = True
-        return {"replica_id": self.replica_id, "kv_address": self._kv_address, **self.stats()}
+        return {"replica_id": self.replica_id, "kv_address": self._kv_address, "kv_addresses": self._kv_addresses,
+                "node_ip": node_host(), **self.stats()}
 
-    async def reserve(self, request_id: str, num_prompt_tokens: int, params: SamplingParams):
-        """Take blocks for the prompt plus max_tokens and post the KV receives; returns the reservation info
-        that the prefill replica needs. Raises ReservationRefused when the pool cannot hold it."""
+    async def _bring_up(self):
+        loop = asyncio.get_running_loop()
+        rendezvous = store = None
+        worker_starts = []
+        if self._workers:
+            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size)
+            worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
+        joining = loop.run_in_executor(self._executor, join_and_load, self._model_path, self._dtype, self._shape, 0,
+                                       rendezvous, self._block_size, store)
+        # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
+        done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise RuntimeError(f"{self.replica_id}: bringing up the mesh {self._shape} failed: "
+                                   f"{task.exception()}") from task.exception()
+        worker_infos = await asyncio.gather(*worker_starts)
+        group, model, layout = await joining
+        peers = MeshStepPeers(group, self._shape) if group is not None else None
+        engine = DecodeEngine(model, num_blocks=self._num_kv_blocks, block_size=self._block_size,
+                              max_num_seqs=self._max_num_seqs, peers=peers)
+        return engine, layout, worker_infos
+
+    def _src_layout(self, prefill_mesh) -> PrefillLayout:
+        shape = self._prefill_shape if prefill_mesh is None else prefill_mesh
+        config = self._engine.model.config
+        return PrefillLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp,
+                             cp=shape.cp, tp=shape.tp)
+
+    async def reserve(self, request_id: str, num_prompt_tokens: int, params: SamplingParams, prefill_mesh=None):
+        """Take blocks for the prompt plus max_tokens and post every rank's KV receives; returns the
+        `MeshReservation` the prefill replica needs. `prefill_mesh` (anything with pp, cp, tp): the mesh of the
+        prefill replica that will push (default: the prefill tier's at deploy time). Raises ReservationRefused
+        when the pool cannot hold it."""
+        if self._mesh_failure is not None:
+            raise RuntimeError(f"decode replica {self.replica_id}: {self._mesh_failure}")
         try:
             block_ids = self._engine.reserve(request_id, num_prompt_tokens, params)
         except OutOfBlocks as exc:
             raise ReservationRefused(f"decode replica {self.replica_id}: {exc}") from None
+        src = self._src_layout(prefill_mesh)
         try:
-            info = self._receiver.reserve(request_id, block_ids, num_prompt_tokens, self._lease_s)
+            targets = [self._receiver.post(request_id, src, block_ids, num_prompt_tokens, self._lease_s)]
+            targets += await asyncio.gather(*(w.post_kv.remote(request_id, src, block_ids, num_prompt_tokens,
+                                                               self._lease_s) for w in self._workers))
         except BaseException:
+            await self._abort_ranks(request_id)
             self._engine.abort(request_id)
             raise
+        first = self._engine.kv_cache[0]
+        info = MeshReservation(request_id=request_id, num_tokens=num_prompt_tokens, block_ids=tuple(block_ids),
+                               src=src, dst=self._layout, head_dim=first.shape[4],
+                               dtype=str(first.dtype).removeprefix("torch."), targets=tuple(targets),
+                               has_checksum=self._checksum)
         task = asyncio.create_task(self._await_kv(request_id))
         self._pending[request_id] = _Pending(kv_task=task, reserved_at=time.monotonic())
         return info
 
-    async def _await_kv(self, request_id: str):
+    async def _await_kv(self, request_id: str) -> TransferStats:
         try:
-            stats = await self._receiver.wait_complete(request_id)
+            stats = await asyncio.gather(self._receiver.wait_complete(request_id),
+                                         *(w.wait_kv.remote(request_id) for w in self._workers))
             # Safety net: KV that landed but is never claimed by generate() (router gone) is freed after a lease.
             asyncio.get_running_loop().call_later(self._lease_s, self._reclaim_unclaimed, request_id)
-            return stats
+            return TransferStats(num_bytes=sum(s.num_bytes for s in stats), seconds=max(s.seconds for s in stats))
         except BaseException:
-            # lease expired, aborted or cancelled: the blocks go back to the pool now
+            # lease expired, aborted or cancelled on some rank: end it on every rank, then the blocks go back
+            await self._abort_ranks(request_id)
             self._engine.abort(request_id)
             self._pending.pop(request_id, None)
             raise
+
+    async def _abort_ranks(self, request_id: str) -> None:
+        """End the request's receives on every rank; once this returns no late KV write lands in its blocks."""
+        results = await asyncio.gather(self._receiver.abort(request_id),
+                                       *(w.abort_kv.remote(request_id) for w in self._workers),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            # A rank could not confirm: its blocks may still be written. Keep the mesh out of service.
+            self._mesh_failure = f"aborting KV receives of {request_id} failed: {errors[0]}"
+            raise errors[0]
 
     def _reclaim_unclaimed(self, request_id: str) -> None:
         if request_id in self._pending:
@@ -122,8 +196,10 @@ class DecodeReplica:
         if pending is None:
             raise KeyError(f"request {request_id} has no reservation on decode replica {self.replica_id} "
                            "(expired or aborted)")
+        is_claimed = False  # every rank's share landed and the receives ended: nothing left to abort remotely
         try:
             stats = await pending.kv_task
+            is_claimed = True
             self._pending.pop(request_id, None)
             queue: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = queue
@@ -145,17 +221,20 @@ class DecodeReplica:
                     return
         finally:
             self._streams.pop(request_id, None)
-            await self._release(request_id)
+            await self._release(request_id, is_claimed=is_claimed)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request in any state; its blocks are free when this returns. Idempotent."""
         return await self._release(request_id)
 
-    async def _release(self, request_id: str) -> bool:
-        # The receiver is aborted first: once it returns, no late KV write can land in the blocks, so freeing
-        # them in the engine cannot hand a block to another request while a stale write is still in flight.
+    async def _release(self, request_id: str, *, is_claimed: bool = False) -> bool:
+        # Every rank's receiver is aborted first: once they return, no late KV write can land in the blocks, so
+        # freeing them in the engine cannot hand a block to another request while a stale write is in flight.
         pending = self._pending.pop(request_id, None)
-        await self._receiver.abort(request_id)
+        if is_claimed:
+            await self._receiver.abort(request_id)  # a no-op: kept so the rule above reads the same everywhere
+        else:
+            await self._abort_ranks(request_id)
         if pending is not None:
             pending.kv_task.cancel()
         return self._engine.abort(request_id)
@@ -174,6 +253,13 @@ class DecodeReplica:
         return self.stats()
 
     async def ping(self) -> bool:
+        """Fails when the replica cannot serve: a rank is gone or a step failed on some rank."""
+        if self._mesh_failure is not None:
+            raise RuntimeError(f"decode replica {self.replica_id}: {self._mesh_failure}")
+        if self._workers:
+            alive = await asyncio.wait_for(asyncio.gather(*(w.ping.remote() for w in self._workers)), 10)
+            if not all(alive):
+                raise RuntimeError(f"decode replica {self.replica_id}: a rank stopped serving steps")
         return True
 
     async def _engine_loop(self) -> None:
@@ -185,8 +271,10 @@ class DecodeReplica:
                 continue
             try:
                 outputs = await loop.run_in_executor(self._executor, self._engine.step)
-            except Exception:
+            except Exception as error:
                 log.exception("decode step failed on replica %s", self.replica_id)
+                if self._workers:  # ranks may now be out of step: stop taking work (ping fails, router moves on)
+                    self._mesh_failure = f"a decode step failed: {error}"
                 for request_id, queue in list(self._streams.items()):
                     self._engine.abort(request_id)
                     queue.put_nowait(_ErrorOutput(request_id))

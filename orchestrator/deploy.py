@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -22,7 +23,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import ClusterConfig, TierSection
+from mesh.parallel import MeshShape
+from orchestrator.config import ClusterConfig, ConfigError, TierSection
 
 log = logging.getLogger("pdcluster.deploy")
 
@@ -38,12 +40,13 @@ class DeploymentError(RuntimeError):
 class ReplicaHandle:
     replica_id: str
     tier: str
-    actor: "ray.actor.ActorHandle"
+    actor: "ray.actor.ActorHandle"  # rank 0: the replica handle the router talks to
     placement_group: PlacementGroup
     section: TierSection | None = None  # the tier settings this replica was started with
     info: dict = field(default_factory=dict)  # what start() returned (kv address, block counts, ...)
     node_ip: str = ""
     state: str = "starting"  # starting -> ready -> draining -> removed (or dead)
+    workers: list = field(default_factory=list)  # ranks 1..world-1 (actor handles), driven by rank 0
 
 
 def ensure_model(config: ClusterConfig, *, out=sys.stderr) -> None:
@@ -58,6 +61,21 @@ def ensure_model(config: ClusterConfig, *, out=sys.stderr) -> None:
     print(f"pdcluster: creating model {config.model.preset!r} at {path} (seeded random weights) ...", file=out,
           flush=True)
     make_model(path, preset=config.model.preset)
+
+
+def validate_mesh(tier: TierSection, model_path: str) -> None:
+    """The tier's mesh against the model (heads, KV heads, layers, experts), before anything is placed; raises
+    ConfigError naming the degree's key (`decode.mesh.tp`) and a fix."""
+    from mesh.config import ModelConfig
+
+    degrees = dict(tp=tier.mesh.tp, cp=tier.mesh.cp, pp=tier.mesh.pp, ep=tier.mesh.ep)
+    try:
+        MeshShape(**degrees).validate(ModelConfig.from_dir(model_path))
+    except ValueError as error:
+        # MeshShape's messages start "mesh degree <axis>=": that axis is the key to fix.
+        match = re.match(r"mesh degree (\w+)=", str(error))
+        key = f"{tier.name}.mesh.{match.group(1)}" if match and match.group(1) in degrees else f"{tier.name}.mesh"
+        raise ConfigError(key, f"{error} (model {model_path})") from None
 
 
 def _bundle(resources: dict) -> dict:
@@ -109,6 +127,8 @@ class Deployment:
     @classmethod
     def start(cls, config: ClusterConfig, *, out=sys.stderr) -> "Deployment":
         ensure_model(config, out=out)
+        for tier in config.tiers():  # a mesh the model cannot take fails before anything is started
+            validate_mesh(tier, config.model.path)
         connect_ray(config)
         deployment = cls(config)
         try:
@@ -137,6 +157,7 @@ class Deployment:
         self.config = dataclasses.replace(self.config, **{tier.name: tier})
 
     def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
+        validate_mesh(tier, self.config.model.path)
         handles = []
         for _ in range(count):
             handle = self._place(tier)
@@ -152,6 +173,8 @@ class Deployment:
                 raise DeploymentError(f"{handle.replica_id} did not start within {START_TIMEOUT_S:.0f} s") from None
             except ray.exceptions.RayActorError as exc:
                 raise DeploymentError(f"{handle.replica_id} failed to start: {exc}") from None
+            except ray.exceptions.RayTaskError as exc:
+                raise DeploymentError(f"{handle.replica_id} failed to start: {exc.cause}") from None
             handle.state = "ready"
             handle.node_ip = handle.info.get("node_ip", "")
             print(f"pdcluster: {handle.replica_id} ready", file=out, flush=True)
@@ -177,32 +200,48 @@ class Deployment:
         return ReplicaHandle(replica_id=replica_id, tier=tier.name, actor=None, placement_group=pg)
 
     def _start_actor(self, tier: TierSection, handle: ReplicaHandle):
+        """One actor per rank, rank r on bundle r of the replica's placement group; rank 0 gets the others'
+        handles and brings the mesh up in its start() (the returned ref)."""
         cfg = self.config
-        strategy = PlacementGroupSchedulingStrategy(placement_group=handle.placement_group,
-                                                    placement_group_bundle_index=0)
         num_cpus = float(tier.resources.get("num_cpus", 0.5))
-        options = dict(num_cpus=num_cpus, num_gpus=float(tier.resources.get("num_gpus", 0) or 0),
-                       scheduling_strategy=strategy, max_concurrency=1000, name=handle.replica_id + "-" +
-                       self.token[:6], max_restarts=tier.max_restarts)
         threads = max(1, math.floor(num_cpus))
+        mesh = MeshShape(tp=tier.mesh.tp, cp=tier.mesh.cp, pp=tier.mesh.pp, ep=tier.mesh.ep)
+
+        def options(rank: int, max_restarts: int) -> dict:
+            strategy = PlacementGroupSchedulingStrategy(placement_group=handle.placement_group,
+                                                        placement_group_bundle_index=rank)
+            name = handle.replica_id + (f"-rank{rank}" if rank else "") + "-" + self.token[:6]
+            return dict(num_cpus=num_cpus, num_gpus=float(tier.resources.get("num_gpus", 0) or 0),
+                        scheduling_strategy=strategy, max_concurrency=1000, name=name, max_restarts=max_restarts)
+
+        # A rank of a multi-rank replica cannot rejoin its world on its own, so Ray restarts only one-rank replicas.
+        restarts = tier.max_restarts if mesh.world_size == 1 else 0
         if tier.name == "decode":
+            from decode_tier.rank_worker import DecodeRankWorker
             from decode_tier.replica import DecodeReplica
 
-            actor_cls = ray.remote(DecodeReplica)
-            handle.actor = actor_cls.options(**options).remote(
-                replica_id=handle.replica_id, model_path=cfg.model.path, dtype=cfg.model.dtype,
-                num_kv_blocks=tier.num_kv_blocks, block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
-                kv_backend=cfg.kv_transfer.backend, kv_token=self.token, lease_s=cfg.kv_transfer.lease_s,
-                num_threads=threads, checksum=cfg.kv_transfer.checksum)
+            common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, num_kv_blocks=tier.num_kv_blocks,
+                          block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
+                          kv_backend=cfg.kv_transfer.backend, kv_token=self.token, num_threads=threads,
+                          checksum=cfg.kv_transfer.checksum)
+            handle.workers = [ray.remote(DecodeRankWorker).options(**options(rank, 0)).remote(
+                replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
+            prefill = cfg.prefill.mesh
+            handle.actor = ray.remote(DecodeReplica).options(**options(0, restarts)).remote(
+                replica_id=handle.replica_id, lease_s=cfg.kv_transfer.lease_s, mesh=mesh,
+                prefill_mesh=MeshShape(tp=prefill.tp, cp=prefill.cp, pp=prefill.pp, ep=prefill.ep),
+                workers=handle.workers, **common)
             return handle.actor.start.remote()
+        from prefill_tier.rank_worker import PrefillRankWorker
         from prefill_tier.replica import PrefillReplica
 
-        actor_cls = ray.remote(PrefillReplica)
-        handle.actor = actor_cls.options(**options).remote(
-            replica_id=handle.replica_id, model_path=cfg.model.path, dtype=cfg.model.dtype,
-            max_batch_tokens=tier.max_batch_tokens, max_batch_seqs=tier.max_batch_seqs,
-            kv_backend=cfg.kv_transfer.backend, kv_token=self.token, layerwise=cfg.kv_transfer.layerwise,
-            num_threads=threads)
+        common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, kv_backend=cfg.kv_transfer.backend,
+                      kv_token=self.token, layerwise=cfg.kv_transfer.layerwise, num_threads=threads)
+        handle.workers = [ray.remote(PrefillRankWorker).options(**options(rank, 0)).remote(
+            replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
+        handle.actor = ray.remote(PrefillReplica).options(**options(0, restarts)).remote(
+            replica_id=handle.replica_id, max_batch_tokens=tier.max_batch_tokens,
+            max_batch_seqs=tier.max_batch_seqs, mesh=mesh, workers=handle.workers, **common)
         return handle.actor.start.remote()
 
     def shutdown(self) -> None:
@@ -213,11 +252,12 @@ class Deployment:
 
 
 def _kill(handle: ReplicaHandle) -> None:
-    try:
-        if handle.actor is not None:
-            ray.kill(handle.actor, no_restart=True)
-    except Exception:  # already dead
-        pass
+    for actor in [handle.actor, *handle.workers]:
+        try:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        except Exception:  # already dead
+            pass
     try:
         remove_placement_group(handle.placement_group)
     except Exception:

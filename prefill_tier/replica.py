@@ -1,6 +1,11 @@
 """The prefill replica: a Ray async actor that batches waiting prompts, runs them through the model, streams each
 layer's KV into the decode replica's reservation while the next layer computes, and samples the first token.
 
+A replica is `world = pp * cp * tp` ranks. This actor is rank 0: it takes the requests, batches them and drives
+ranks 1..world-1 (prefill_tier/rank_worker.py) over the control channel (mesh/rank_group.py). Each batch becomes a
+`PrefillStep` that every rank runs (prefill_tier/rank_step.py); every rank pushes its own KV shard (its layers,
+heads and CP token rows) to the decode ranks the transfer plan names; the rank holding the logits samples.
+
 Who calls it: the router's cluster backend, once per request: `prefill(request_id, prompt, params, reservation)`
 returns the first token and timings after every layer of KV has been delivered (or raises). `cancel` removes a
 request that has not started; a request whose forward is running completes, and the decode side drops its KV.
@@ -12,27 +17,28 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.session import KVSender
+from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
-from mesh.model import AttentionBatch, CausalLM
-from mesh.sampling import SamplingParams, sample
+from mesh.parallel import MeshShape
+from mesh.rank_group import open_rendezvous
+from mesh.sampling import SamplingParams
 from prefill_tier.batcher import PrefillBatcher
+from prefill_tier.rank_step import PrefillRankCore, PrefillStep, RankOutcome
+from prefill_tier.rank_worker import join_and_load, node_host
 
 log = logging.getLogger("pdcluster.prefill")
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class _Work:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    reservation: object | None  # kv_transfer ReservationInfo; None: nothing to ship (max_tokens == 1)
+    reservation: object | None  # kv_transfer MeshReservation; None: nothing to ship (max_tokens == 1)
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -42,35 +48,67 @@ class _Work:
 
 
 class PrefillReplica:
+    """Rank 0 of a prefill replica (the whole replica when its mesh has one rank). `workers`: the actor handles of
+    ranks 1..world-1 (prefill_tier/rank_worker.py), in rank order; `start` brings the mesh up."""
+
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, max_batch_tokens: int, max_batch_seqs: int,
-                 kv_backend: str, kv_token: str, layerwise: bool = True, num_threads: int = 1):
+                 kv_backend: str, kv_token: str, layerwise: bool = True, num_threads: int = 1,
+                 mesh: MeshShape | None = None, workers: Sequence = ()):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
+        self._model_path = model_path
+        self._dtype = dtype
         self._kv_backend = kv_backend
         self._kv_token = kv_token
         self._layerwise = layerwise
-        self._model = CausalLM.load(model_path, dtype=_DTYPES[dtype])
+        self._shape = mesh or MeshShape()
+        self._workers = list(workers)
+        if len(self._workers) != self._shape.world_size - 1:
+            raise ValueError(f"{replica_id}: a {self._shape.world_size}-rank mesh needs "
+                             f"{self._shape.world_size - 1} worker ranks, got {len(self._workers)}")
         self._batcher = PrefillBatcher(max_batch_tokens=max_batch_tokens, max_batch_seqs=max_batch_seqs)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-fwd")
         self._queued: dict[str, _Work] = {}  # by request id, while in the batcher
         self._num_batches = 0
         self._num_running = 0
         self._started = False
+        self._group = None
+        self._mesh_failure: str | None = None  # set when a step failed on some rank: the mesh may be out of step
 
     async def start(self) -> dict:
+        """Bring the mesh up (every rank joins the world and loads its shard), then take requests."""
         if not self._started:
-            self._client = get_transport(self._kv_backend).make_client(token=self._kv_token)
-            self._sender = KVSender(self._client)
+            self._group, self._core = await self._bring_up()
             self._wake = asyncio.Event()
             self._loop_task = asyncio.create_task(self._batch_loop())
             self._started = True
-        return {"replica_id": self.replica_id, **self.stats()}
+        return {"replica_id": self.replica_id, "node_ip": node_host(), **self.stats()}
+
+    async def _bring_up(self):
+        loop = asyncio.get_running_loop()
+        rendezvous = store = None
+        worker_starts = []
+        if self._workers:
+            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size)
+            worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
+        joining = loop.run_in_executor(self._executor, join_and_load, self._model_path, self._dtype, self._shape, 0,
+                                       rendezvous, store)
+        # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
+        done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise RuntimeError(f"{self.replica_id}: bringing up the mesh {self._shape} failed: "
+                                   f"{task.exception()}") from task.exception()
+        await asyncio.gather(joining, *worker_starts)
+        group, model, layout = joining.result()
+        client = get_transport(self._kv_backend).make_client(token=self._kv_token)
+        self._client = client
+        core = PrefillRankCore(model, RankKVSender(client, layout, 0), loop, layerwise=self._layerwise)
+        return group, core
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       reservation=None) -> dict:
         """Queue the prompt; resolves with {"first_token", "queue_s", "prefill_s", "kv_s", "kv_bytes"}."""
-        if reservation is not None:
-            await self._client.connect(reservation.address)  # once per decode replica; cached after
         future = asyncio.get_running_loop().create_future()
         work = _Work(request_id, list(prompt_token_ids), params, reservation, future)
         self._batcher.add(work)
@@ -105,6 +143,13 @@ class PrefillReplica:
         return self.stats()
 
     async def ping(self) -> bool:
+        """Fails when the replica cannot serve: a rank is gone or a step failed on some rank."""
+        if self._mesh_failure is not None:
+            raise RuntimeError(f"{self.replica_id}: {self._mesh_failure}")
+        if self._workers:
+            alive = await asyncio.wait_for(asyncio.gather(*(w.ping.remote() for w in self._workers)), 10)
+            if not all(alive):
+                raise RuntimeError(f"{self.replica_id}: a rank stopped serving steps")
         return True
 
     async def _batch_loop(self) -> None:
@@ -131,66 +176,48 @@ class PrefillReplica:
                 self._num_batches += 1
 
     async def _run_batch(self, batch: list[_Work]) -> None:
+        if self._mesh_failure is not None:
+            raise RuntimeError(self._mesh_failure)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        shipping = [w for w in batch if w.reservation is not None]
-        sends: list = []
-
-        def push(layer: int, k: torch.Tensor, v: torch.Tensor, offsets: list[int]) -> None:
-            # Called in the forward thread; the sends are issued on the event loop (the transport lives there).
-            for work, offset in zip(batch, offsets):
-                if work.reservation is None:
-                    continue
-                k_seq, v_seq = k[offset:offset + work.num_tokens], v[offset:offset + work.num_tokens]
-                sends.append(asyncio.run_coroutine_threadsafe(
-                    self._sender.push_layer(work.reservation, layer, k_seq, v_seq), loop))
-
-        first_tokens, forward_s, held = await loop.run_in_executor(
-            self._executor, self._forward, batch, push if self._layerwise else None)
-        if not self._layerwise:
-            for layer, (k, v, offsets) in enumerate(held):
-                push(layer, k, v, offsets)
-        kv_started = time.monotonic()
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in sends), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
-        finish = await asyncio.gather(*(self._sender.finish(w.reservation) for w in shipping),
-                                      return_exceptions=True)
-        finish_by_id = {w.request_id: f for w, f in zip(shipping, finish)}
-        kv_s = time.monotonic() - kv_started
+        step = PrefillStep(request_ids=tuple(w.request_id for w in batch),
+                           prompts=tuple(tuple(w.prompt_token_ids) for w in batch),
+                           params=tuple(w.params for w in batch),
+                           reservations=tuple(w.reservation for w in batch))
+        outcomes = await loop.run_in_executor(self._executor, self._run_step, step)
+        failures = [f"rank {o.rank}: {o.failure}" for o in outcomes if o.failure]
+        if failures:
+            message = "a prefill step failed: " + "; ".join(failures)
+            if self._workers:  # ranks may now be out of step: stop taking work (ping fails, the router moves on)
+                self._mesh_failure = message
+            raise RuntimeError(message)
+        first_tokens = next(o.first_tokens for o in outcomes if o.first_tokens is not None)
+        forward_s = max(o.forward_s for o in outcomes)
+        kv_s = max(o.kv_s for o in outcomes)
         for work, token in zip(batch, first_tokens):
             if work.future.done():
                 continue
-            outcome = finish_by_id.get(work.request_id)
-            if isinstance(outcome, BaseException) or (errors and work.reservation is not None):
-                failure = outcome if isinstance(outcome, BaseException) else errors[0]
-                work.future.set_exception(RuntimeError(f"KV transfer failed: {failure}"))
+            errors = [f"rank {o.rank}: {o.errors[work.request_id]}" for o in outcomes if work.request_id in o.errors]
+            if errors:
+                work.future.set_exception(RuntimeError(f"KV transfer failed: {'; '.join(errors)}"))
                 continue
             work.future.set_result({
                 "first_token": int(token),
                 "queue_s": started - work.enqueued_at,
                 "prefill_s": forward_s,
-                "kv_s": kv_s,
-                "kv_bytes": int(outcome.num_bytes) if outcome is not None else 0,
+                "kv_s": kv_s if work.reservation is not None else 0.0,
+                "kv_bytes": sum(o.kv_bytes.get(work.request_id, 0) for o in outcomes),
             })
 
-    def _forward(self, batch: list[_Work], push) -> tuple[list[int], float, list]:
-        started = time.perf_counter()
-        lengths = [w.num_tokens for w in batch]
-        offsets = [sum(lengths[:i]) for i in range(len(lengths))]
-        input_ids = torch.tensor([t for w in batch for t in w.prompt_token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
-        logits_indices = torch.tensor([o + n - 1 for o, n in zip(offsets, lengths)], dtype=torch.long)
-        attn = AttentionBatch(query_lens=lengths, context_lens=[0] * len(batch), block_tables=None,
-                              logits_indices=logits_indices)
-        held: list = []
-
-        def hook(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            if push is not None:
-                push(layer, k, v, offsets)
-            else:
-                held.append((k, v, offsets))
-
-        with torch.inference_mode():
-            logits = self._model.forward(input_ids, positions, attn, None, layer_hook=hook)
-            first = sample(logits, [w.params for w in batch], [0] * len(batch))
-        return first.tolist(), time.perf_counter() - started, held
+    def _run_step(self, step: PrefillStep) -> list[RankOutcome]:
+        """Compute thread: hand the step to every rank, run rank 0's share, collect every rank's outcome."""
+        if self._group is not None:
+            self._group.broadcast(step)
+        try:
+            mine = self._core.run(step)
+        except Exception as error:  # the other ranks still report, so the channel stays in step
+            log.exception("prefill step failed on %s rank 0", self.replica_id)
+            mine = RankOutcome(rank=0, failure=f"{type(error).__name__}: {error}")
+        if self._group is None:
+            return [mine]
+        return self._group.gather(mine)

@@ -1,0 +1,170 @@
+"""Ranks 1..world-1 of a decode replica: each owns its shard of the model and of the paged KV cache (its layers for
+PP, its KV heads for TP) and a KV server that receives its share of every prompt's KV.
+
+Who calls it: orchestrator/deploy.py places one `DecodeRankWorker` actor per bundle 1..world-1 of the replica's
+placement group and hands the handles to rank 0 (`DecodeReplica`, decode_tier/replica.py), which calls
+`start(rendezvous)` on each while it joins the world itself. Then rank 0 calls, per request, `post_kv` (reserve:
+post this rank's receives into the blocks rank 0's scheduler chose), `wait_kv` (every message of this rank landed)
+and `abort_kv` (no late write lands once it returns); and each engine step reaches the worker's step thread over
+the control channel: the `DecodePlan` rank 0 broadcast, run on this rank's shards in lockstep with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Sequence
+
+import torch
+
+from decode_tier.engine import DecodePlan, StepRunner
+from kv_transfer.mesh_layout import DecodeLayout, PrefillLayout
+from kv_transfer.mesh_session import RankKVReceiver, RankTarget
+from kv_transfer.transport import TransferStats, get_transport
+from mesh.kv_cache import allocate_kv_cache
+from mesh.model import CausalLM
+from mesh.parallel import MeshShape
+from mesh.rank_group import RankGroup, Rendezvous, join_mesh
+
+log = logging.getLogger("pdcluster.decode")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def node_host() -> str:
+    """The address other ranks and tiers reach this process on: PDCLUSTER_KV_HOST (a one-machine deployment keeps
+    traffic on loopback, orchestrator/deploy.py sets it), else this node's IP as Ray sees it."""
+    host = os.environ.get("PDCLUSTER_KV_HOST")
+    if host:
+        return host
+    import ray  # only the actor's own node knows its address
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def logits_rank(shape: MeshShape) -> int:
+    """The decode rank that samples: the first rank of the last pipeline stage."""
+    return shape.rank_of(pp=shape.pp - 1, cp=0, tp=0)
+
+
+def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
+                  block_size: int, store=None) -> tuple[RankGroup | None, CausalLM, DecodeLayout]:
+    """Blocking (run it off the event loop): join the replica's world, load this rank's shard, describe its KV."""
+    if shape.cp != 1:
+        raise ValueError(f"decode replicas run without context parallelism (mesh {shape}); use cp: 1")
+    group, dims = join_mesh(rendezvous, rank, shape, store=store)
+    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype])
+    config = model.config
+    layout = DecodeLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, tp=shape.tp,
+                          block_size=block_size)
+    return group, model, layout
+
+
+class MeshStepPeers:
+    """Rank 0's side of the step channel (`decode_tier.engine.StepPeers`): the plan goes to every rank, the sampled
+    tokens come back from the logits rank."""
+
+    def __init__(self, group: RankGroup, shape: MeshShape):
+        self._group = group
+        self._logits_rank = logits_rank(shape)
+        self.holds_logits = self._logits_rank == 0
+
+    def share_plan(self, plan: DecodePlan) -> None:
+        self._group.broadcast(plan)
+
+    def share_tokens(self, sampled_token_ids: list[int] | None) -> list[int]:
+        if not self.holds_logits:
+            sampled_token_ids = self._group.broadcast(None, src=self._logits_rank)
+        if sampled_token_ids is None:
+            raise RuntimeError(f"the decode step failed on rank {self._logits_rank} (it sampled nothing)")
+        return sampled_token_ids
+
+    def stop(self) -> None:
+        """Let the other ranks' step threads end (replica shutting down)."""
+        self._group.broadcast(None)
+
+
+class DecodeRankWorker:
+    """Ray actor class (plain; resources and placement come from orchestrator/deploy.py)."""
+
+    def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape,
+                 num_kv_blocks: int, block_size: int, max_num_seqs: int, kv_backend: str, kv_token: str,
+                 num_threads: int = 1, checksum: bool = False):
+        torch.set_num_threads(max(1, num_threads))
+        self.replica_id = replica_id
+        self.rank = rank
+        self._model_path = model_path
+        self._dtype = dtype
+        self._shape = mesh
+        self._num_kv_blocks = num_kv_blocks
+        self._block_size = block_size
+        self._max_num_seqs = max_num_seqs
+        self._kv_backend = kv_backend
+        self._kv_token = kv_token
+        self._checksum = checksum
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-rank")
+        self._thread: threading.Thread | None = None
+        self._num_steps = 0
+
+    async def start(self, rendezvous: Rendezvous) -> dict:
+        """Join the world rank 0 opened (blocks until every rank joined), load the shard, allocate this rank's
+        cache, start its KV server and serve steps. Returns {"rank", "kv_address", "node_ip"}."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.replica_id} rank {self.rank} already belongs to a world; restart the actor")
+        loop = asyncio.get_running_loop()
+        group, model, layout = await loop.run_in_executor(
+            self._executor, join_and_load, self._model_path, self._dtype, self._shape, self.rank, rendezvous,
+            self._block_size)
+        kv_cache = allocate_kv_cache(model, num_blocks=self._num_kv_blocks, block_size=self._block_size)
+        runner = StepRunner(model, kv_cache, self._max_num_seqs)
+        self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
+        address = await self._server.start(node_host())
+        self._receiver = RankKVReceiver(self._server, kv_cache, layout, self.rank, checksum=self._checksum)
+        self._thread = threading.Thread(target=self._serve_steps, args=(group, runner), daemon=True,
+                                        name=f"decode-rank{self.rank}-steps")
+        self._thread.start()
+        return {"rank": self.rank, "kv_address": address, "node_ip": node_host()}
+
+    async def post_kv(self, request_id: str, src: PrefillLayout, block_ids: Sequence[int], num_tokens: int,
+                      lease_s: float) -> RankTarget:
+        return self._receiver.post(request_id, src, block_ids, num_tokens, lease_s)
+
+    async def wait_kv(self, request_id: str) -> TransferStats:
+        return await self._receiver.wait_complete(request_id)
+
+    async def abort_kv(self, request_id: str) -> bool:
+        return await self._receiver.abort(request_id)
+
+    def _serve_steps(self, group: RankGroup, runner: StepRunner) -> None:
+        source = logits_rank(self._shape)
+        holds_logits = source == self.rank
+        while True:
+            try:
+                plan = group.broadcast()
+            except Exception:
+                log.exception("%s rank %d: control channel failed; no more steps", self.replica_id, self.rank)
+                return
+            if plan is None:  # rank 0 is shutting the replica down
+                return
+            sampled = None
+            try:
+                sampled = runner.run(plan, sample_tokens=holds_logits)
+            except Exception:  # rank 0 learns it from the missing tokens (or its own collectives failing)
+                log.exception("%s rank %d: decode step failed", self.replica_id, self.rank)
+            self._num_steps += 1
+            if source != 0:
+                try:
+                    group.broadcast(sampled, src=source)
+                except Exception:
+                    log.exception("%s rank %d: control channel failed; no more steps", self.replica_id, self.rank)
+                    return
+
+    async def ping(self) -> bool:
+        """True while the rank still serves steps."""
+        return self._thread is not None and self._thread.is_alive()
+
+    async def get_stats(self) -> dict:
+        return {"rank": self.rank, "num_steps": self._num_steps, "num_waiting_kv": self._receiver.num_pending}

@@ -1,0 +1,168 @@
+"""One prefill step on one rank of a prefill replica: the forward of its model shard, its own KV shard pushed to the
+decode ranks that need it while later layers compute, and (on the rank holding the logits) the first tokens.
+
+Who calls it: every rank of a prefill replica runs the same `PrefillStep` at the same time (their collectives pair
+up): rank 0 (prefill_tier/replica.py) builds it from its batch and broadcasts it; the other ranks
+(prefill_tier/rank_worker.py) receive it. Each rank returns a `RankOutcome`; rank 0 gathers them and answers the
+requests. `PrefillRankCore.run` runs on the rank's compute thread; KV sends go through the rank's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.mesh_layout import PrefillLayout
+from kv_transfer.mesh_session import MeshReservation, RankKVSender
+from mesh.model import AttentionBatch, CausalLM
+from mesh.pipeline import run_pipeline, split_micro_batches
+from mesh.sampling import SamplingParams, sample
+
+log = logging.getLogger("pdcluster.prefill")
+
+FINISH_TIMEOUT_S = 60.0  # a rank's KV sends of one step must complete within this
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefillStep:
+    """One batch, as rank 0 broadcasts it (picklable). `reservations[i]` is None when request i ships no KV."""
+
+    request_ids: tuple[str, ...]
+    prompts: tuple[tuple[int, ...], ...]
+    params: tuple[SamplingParams, ...]
+    reservations: tuple[MeshReservation | None, ...]
+
+    def __post_init__(self) -> None:
+        if not (len(self.request_ids) == len(self.prompts) == len(self.params) == len(self.reservations)):
+            raise ValueError("PrefillStep: request_ids, prompts, params and reservations differ in length")
+        if not self.request_ids or any(len(p) == 0 for p in self.prompts):
+            raise ValueError("PrefillStep: needs at least one request, each with at least one prompt token")
+
+
+@dataclass(kw_only=True)
+class RankOutcome:
+    """What one rank reports for a step (picklable)."""
+
+    rank: int
+    first_tokens: list[int] | None = None  # the rank holding the logits only
+    kv_bytes: dict[str, int] = field(default_factory=dict)  # by request id: bytes this rank sent
+    errors: dict[str, str] = field(default_factory=dict)  # by request id: why its KV did not (fully) leave this rank
+    failure: str | None = None  # the whole step failed on this rank
+    forward_s: float = 0.0
+    kv_s: float = 0.0  # end of the forward -> this rank's last send completed
+
+
+def logits_rank(layout: PrefillLayout) -> int:
+    """The rank that samples: the first rank of the last pipeline stage (every rank of that stage has the same
+    logits: TP all-gathers the vocabulary and CP gathers the rows)."""
+    return layout.rank_of(pp=layout.pp - 1, cp=0, tp=0)
+
+
+class PrefillRankCore:
+    """One rank's model shard and KV sender. `loop` is the event loop the sender lives on (the actor's)."""
+
+    def __init__(self, model: CausalLM, sender: RankKVSender, loop: asyncio.AbstractEventLoop, *,
+                 layerwise: bool = True):
+        self.model = model
+        self.sender = sender
+        self.rank = sender.rank
+        self.layout = sender.layout
+        self.holds_logits = self.rank == logits_rank(self.layout)
+        self._loop = loop
+        self._layerwise = layerwise
+
+    def run(self, step: PrefillStep) -> RankOutcome:
+        """The step on this rank; never raises for one request's KV failure (reported in `errors`)."""
+        started = time.perf_counter()
+        outcome = RankOutcome(rank=self.rank)
+        pushes: list[tuple[str, concurrent.futures.Future]] = []
+        held: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+
+        def ship(index: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            info = step.reservations[index]
+            if self._layerwise:
+                future = asyncio.run_coroutine_threadsafe(self.sender.push_layer(info, layer, k, v), self._loop)
+                pushes.append((info.request_id, future))
+            else:
+                held.append((index, layer, k, v))
+
+        logits = self._forward(step, ship)
+        if self.holds_logits:
+            outcome.first_tokens = sample(logits, list(step.params), [0] * len(step.params)).tolist()
+        outcome.forward_s = time.perf_counter() - started
+        for index, layer, k, v in held:  # layerwise off: everything goes after the forward
+            info = step.reservations[index]
+            pushes.append((info.request_id, asyncio.run_coroutine_threadsafe(
+                self.sender.push_layer(info, layer, k, v), self._loop)))
+        kv_started = time.perf_counter()
+        for request_id, future in pushes:
+            try:
+                future.result()
+            except Exception as error:
+                outcome.errors.setdefault(request_id, f"{type(error).__name__}: {error}")
+        finishes = [(info, asyncio.run_coroutine_threadsafe(self.sender.finish(info, FINISH_TIMEOUT_S), self._loop))
+                    for info in step.reservations if info is not None]
+        for info, future in finishes:
+            try:
+                outcome.kv_bytes[info.request_id] = future.result().num_bytes
+            except Exception as error:
+                outcome.errors.setdefault(info.request_id, f"{type(error).__name__}: {error}")
+        outcome.kv_s = time.perf_counter() - kv_started
+        return outcome
+
+    @torch.inference_mode()
+    def _forward(self, step: PrefillStep, ship) -> torch.Tensor | None:
+        lengths = [len(p) for p in step.prompts]
+        input_ids = torch.tensor([t for p in step.prompts for t in p], dtype=torch.long, device=self.model.device)
+        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]).to(self.model.device)
+        batch = AttentionBatch(query_lens=lengths, context_lens=[0] * len(lengths), block_tables=None,
+                               logits_indices=AttentionBatch.last_token_indices(lengths, self.model.device))
+        num_micro_batches = min(self.layout.pp, len(lengths))
+        # Micro-batches keep the pipeline stages busy; each holds whole sequences, each gets its own hook.
+        micro_batches, order = split_micro_batches(input_ids, positions, batch, num_micro_batches)
+        first_seq = 0
+        for micro_batch in micro_batches:
+            num_seqs = len(micro_batch.batch.query_lens)
+            micro_batch.layer_hook = self._hook(step, first_seq, micro_batch.batch.query_lens, ship)
+            first_seq += num_seqs
+        outputs = run_pipeline(self.model, micro_batches, None)
+        if outputs[0] is None:
+            return None
+        return torch.cat(outputs)[order.to(outputs[0].device)]
+
+    def _hook(self, step: PrefillStep, first_seq: int, query_lens: list[int], ship):
+        """The layer hook of one micro-batch: cut each shipping sequence's rows out of the layer's K/V."""
+        offsets = [sum(query_lens[:i]) for i in range(len(query_lens))]
+        shipping = [i for i in range(len(query_lens)) if step.reservations[first_seq + i] is not None]
+
+        def hook(layer: int, k: torch.Tensor, v: torch.Tensor, rows=None) -> None:
+            for local in shipping:
+                index = first_seq + local
+                if rows is None:  # every token of the step, packed in order
+                    span = slice(offsets[local], offsets[local] + query_lens[local])
+                else:  # CP shard: this rank's real rows, sequence by sequence, in shard order
+                    mine = (rows.seq_ids == local).nonzero().flatten()
+                    if mine.numel() == 0:
+                        span = slice(0, 0)
+                    else:
+                        span = slice(int(mine[0]), int(mine[-1]) + 1)
+                        if not self._cp_rows_match(rows.positions[span], len(step.prompts[index]), layer):
+                            continue  # not shipped: finish() fails this request, never the whole step
+                ship(index, layer, k[span], v[span])
+
+        return hook
+
+    def _cp_rows_match(self, positions: torch.Tensor, num_tokens: int, layer: int) -> bool:
+        # The planner assumes the model's CP shard order; a disagreement would scatter KV to the wrong slots.
+        expected = self.layout.token_positions(self.rank, num_tokens)
+        expected = expected[expected >= 0]
+        if torch.equal(positions.cpu(), expected):
+            return True
+        log.error("prefill rank %d layer %d: the model's CP rows %s differ from the transfer layout's %s; "
+                  "not shipping them", self.rank, layer, positions.tolist(), expected.tolist())
+        return False

@@ -1,0 +1,113 @@
+"""Ranks 1..world-1 of a prefill replica: each loads its shard of the model and runs the steps rank 0 broadcasts.
+
+Who calls it: orchestrator/deploy.py places one `PrefillRankWorker` actor per bundle 1..world-1 of the replica's
+placement group and hands the handles to rank 0 (`PrefillReplica`, prefill_tier/replica.py), which calls
+`start(rendezvous)` on each while it joins the world itself. After that the worker only listens on the control
+channel: a `PrefillStep` arrives, the rank runs it (`PrefillRankCore`: forward, its own KV shard out to the decode
+ranks, layer by layer) and reports a `RankOutcome` back to rank 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+
+import torch
+
+from kv_transfer.mesh_layout import PrefillLayout
+from kv_transfer.mesh_session import RankKVSender
+from kv_transfer.transport import get_transport
+from mesh.model import CausalLM
+from mesh.parallel import MeshShape
+from mesh.rank_group import RankGroup, Rendezvous, join_mesh
+from prefill_tier.rank_step import PrefillRankCore, RankOutcome
+
+log = logging.getLogger("pdcluster.prefill")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def node_host() -> str:
+    """The address other ranks and tiers reach this process on: PDCLUSTER_KV_HOST (a one-machine deployment keeps
+    traffic on loopback, orchestrator/deploy.py sets it), else this node's IP as Ray sees it."""
+    host = os.environ.get("PDCLUSTER_KV_HOST")
+    if host:
+        return host
+    import ray  # only the actor's own node knows its address
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
+                  store=None) -> tuple[RankGroup | None, CausalLM, PrefillLayout]:
+    """Blocking (run it off the event loop): join the replica's world, load this rank's shard, describe its KV."""
+    group, dims = join_mesh(rendezvous, rank, shape, store=store)
+    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype])
+    config = model.config
+    layout = PrefillLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, cp=shape.cp,
+                           tp=shape.tp)
+    return group, model, layout
+
+
+class PrefillRankWorker:
+    """Ray actor class (plain; resources and placement come from orchestrator/deploy.py)."""
+
+    def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape, kv_backend: str,
+                 kv_token: str, layerwise: bool = True, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))
+        self.replica_id = replica_id
+        self.rank = rank
+        self._model_path = model_path
+        self._dtype = dtype
+        self._shape = mesh
+        self._kv_backend = kv_backend
+        self._kv_token = kv_token
+        self._layerwise = layerwise
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-rank")
+        self._thread: threading.Thread | None = None
+        self._num_steps = 0
+
+    async def start(self, rendezvous: Rendezvous) -> dict:
+        """Join the world rank 0 opened (blocks until every rank joined), load the shard, serve steps."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.replica_id} rank {self.rank} already belongs to a world; restart the actor")
+        loop = asyncio.get_running_loop()
+        group, model, layout = await loop.run_in_executor(
+            self._executor, join_and_load, self._model_path, self._dtype, self._shape, self.rank, rendezvous)
+        sender = RankKVSender(get_transport(self._kv_backend).make_client(token=self._kv_token), layout, self.rank)
+        core = PrefillRankCore(model, sender, loop, layerwise=self._layerwise)
+        self._thread = threading.Thread(target=self._serve_steps, args=(group, core), daemon=True,
+                                        name=f"prefill-rank{self.rank}-steps")
+        self._thread.start()
+        return {"rank": self.rank, "node_ip": node_host()}
+
+    def _serve_steps(self, group: RankGroup, core: PrefillRankCore) -> None:
+        while True:
+            try:
+                step = group.broadcast()
+            except Exception:
+                log.exception("%s rank %d: control channel failed; no more steps", self.replica_id, self.rank)
+                return
+            if step is None:  # rank 0 is shutting the replica down
+                return
+            try:
+                outcome = core.run(step)
+            except Exception as error:  # reported to rank 0, which fails the batch
+                log.exception("%s rank %d: prefill step failed", self.replica_id, self.rank)
+                outcome = RankOutcome(rank=self.rank, failure=f"{type(error).__name__}: {error}")
+            self._num_steps += 1
+            try:
+                group.gather(outcome)
+            except Exception:
+                log.exception("%s rank %d: control channel failed; no more steps", self.replica_id, self.rank)
+                return
+
+    async def ping(self) -> bool:
+        """True while the rank still serves steps."""
+        return self._thread is not None and self._thread.is_alive()
+
+    async def get_stats(self) -> dict:
+        return {"rank": self.rank, "num_steps": self._num_steps}

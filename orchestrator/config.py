@@ -381,10 +381,11 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         from orchestrator.config_launch import apply_launch_rules
 
         config = dataclasses.replace(config, ray=apply_launch_rules(config.launch, config.ray, config.tiers()))
-    for tier in config.tiers():
-        if tier.mesh.world_size != 1 or tier.mesh.ep != 1:
-            raise ConfigError(f"{tier.name}.mesh", "multi-rank meshes are not available in this release yet; "
-                              "use tp: 1, cp: 1, pp: 1, ep: 1")
+    # Degrees against the model (heads, layers, experts) are checked at deploy time, once the model is at hand
+    # (orchestrator/deploy.py validate_mesh); here only what no model can make valid.
+    if config.decode.mesh.cp != 1:
+        raise ConfigError("decode.mesh.cp", f"context parallelism is for prefill; decode replicas run cp: 1 "
+                          f"(got {config.decode.mesh.cp}); use tp or pp to spread a decode replica")
     return config
 
 

@@ -124,8 +124,8 @@ def format_status_table(status: dict) -> str:
                 tier,
                 replica["id"],
                 replica["state"],
-                replica["node"],
-                replica["accelerator"],
+                replica["node"] or "-",  # "-" keeps the columns aligned when a replica has not reported yet
+                replica["accelerator"] or "-",
                 f"{mesh['tp']}/{mesh['cp']}/{mesh['pp']}/{mesh['ep']}",
                 str(replica["load"]["num_queued"]),
                 str(replica["load"]["num_running"]),

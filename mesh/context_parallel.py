@@ -93,5 +93,6 @@ class CPStep:
         is_mine = local >= 0
         out = hidden.new_zeros((packed_rows.numel(), hidden.shape[1]))
         out[is_mine] = hidden[local[is_mine]]
-        dist.all_reduce(out, group=self.group)
+        if self.plan.cp_size > 1:
+            dist.all_reduce(out, group=self.group)
         return out

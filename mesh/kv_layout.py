@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh.config import ModelConfig
-from mesh.parallel import MeshShape, stage_layer_range
+from mesh.parallel import MeshShape, ParallelDims, stage_layer_range
 
 
 def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> range:
@@ -51,9 +51,11 @@ class RankKVLayout:
     token_rule: str  # "all" or "cp" (module docstring)
 
 
-def kv_layout(shape: MeshShape, config: ModelConfig) -> tuple[RankKVLayout, ...]:
+def kv_layout(shape: MeshShape | ParallelDims, config: ModelConfig) -> tuple[RankKVLayout, ...]:
     """Every rank's KV share, indexed by rank (rank = (pp_rank * cp + cp_rank) * tp + tp_rank). The token rule is
-    "cp" when cp > 1 (for a prefill step; a paged-cache step on a cp > 1 mesh is "all", see the module docstring)."""
+    "cp" when cp > 1 (for a prefill step; a paged-cache step on a cp > 1 mesh is "all", see the module docstring).
+    Takes the mesh's shape (or any rank's ParallelDims: the answer is the same on every rank)."""
+    shape = shape.shape if isinstance(shape, ParallelDims) else shape
     shape.validate(config)
     replicas = max(1, shape.tp // config.num_kv_heads)
     layouts = []

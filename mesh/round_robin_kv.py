@@ -157,6 +157,8 @@ class StoreStep:
     def __init__(self, store: RoundRobinKVStore, plan: CPShardPlan, seq_keys: list[Hashable], group: Any) -> None:
         self.store, self.plan, self.seq_keys, self.group = store, plan, seq_keys, group
         self.exchange = _Exchange.build(plan, store.cp_rank)
+        self._send_rows = self.exchange.send_rows.to(store.device)
+        self._recv_order = self.exchange.recv_order.to(store.device)
         self._pending: list[tuple[int, torch.Tensor, Any]] = []
 
     @property
@@ -171,7 +173,7 @@ class StoreStep:
     def send_new(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Posts the all-to-all moving this layer's new rows (the rank's 2N-chunk shard) to their owners."""
         ex = self.exchange
-        outgoing = torch.stack([k[ex.send_rows], v[ex.send_rows]], dim=1).contiguous()  # [rows, 2, H, D]
+        outgoing = torch.stack([k[self._send_rows], v[self._send_rows]], dim=1).contiguous()  # [rows, 2, H, D]
         incoming = outgoing.new_empty((sum(ex.recv_splits), *outgoing.shape[1:]))
         if self.store.cp_size == 1:
             incoming.copy_(outgoing)
@@ -188,7 +190,7 @@ class StoreStep:
         for layer, incoming, work in self._pending:
             if work is not None:
                 work.wait()
-            rows = incoming[self.exchange.recv_order]
+            rows = incoming[self._recv_order]
             for key, part in zip(self.seq_keys, rows.split(self.exchange.recv_per_seq)):
                 self.store._append(key, layer, part[:, 0], part[:, 1])
         for key, context, new in zip(self.seq_keys, self.plan.context_lens, self.plan.query_lens):

@@ -69,7 +69,7 @@ def serve_command(config: ClusterConfig, timeout_s: float) -> str:
     port = config.router.port
     pid = f'"$(cat {REMOTE_SERVE_PID})"'
     serve = f"exec pdcluster serve {REMOTE_CONFIG}"
-    tries = max(1, int(timeout_s // 2))
+    tries = max(1, int(timeout_s))
     return (
         f"mkdir -p {REMOTE_DIR}; "
         f"if [ -f {REMOTE_SERVE_PID} ] && kill -0 {pid} 2>/dev/null; then "
@@ -81,7 +81,7 @@ def serve_command(config: ClusterConfig, timeout_s: float) -> str:
         f"if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then echo 'pdcluster: router is up on port {port}'; exit 0; fi; "
         f"if [ -f {REMOTE_SERVE_PID} ] && ! kill -0 {pid} 2>/dev/null; then "
         f"echo 'pdcluster serve exited:'; tail -n 40 {REMOTE_SERVE_LOG}; exit 1; fi; "
-        f"sleep 2; done; "
+        f"sleep 1; done; "
         f"echo 'pdcluster: the router did not open port {port} in {timeout_s:.0f} s:'; tail -n 40 {REMOTE_SERVE_LOG}; exit 1"
     )
 

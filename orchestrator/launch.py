@@ -255,7 +255,7 @@ def start_commands(launch: LaunchSection) -> tuple[list[str], list[str]]:
 
 def local_worker_ips(launch: LaunchSection) -> list[str]:
     ips = list(launch.provider.get("worker_ips", []))
-    for node_type in launch.node_types.values():
+    for _, node_type in sorted(launch.node_types.items()):
         ips += node_type.worker_ips
     duplicates = sorted({ip for ip in ips if ips.count(ip) > 1})
     if duplicates:

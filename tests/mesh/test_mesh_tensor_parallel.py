@@ -4,6 +4,10 @@ or replicated (mistral: 1 KV head on 2 ranks)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +60,14 @@ def _worker(rank: int, init_file: str, model_dirs: dict[str, str], out_dir: str)
 @pytest.mark.slow
 def test_tensor_parallel_matches_single_rank(tmp_path):
     model_dirs = {name: str(make_model(tmp_path / name, name, seed=9)) for name in PRESETS}
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), model_dirs, str(tmp_path)), nprocs=TP_SIZE, join=True)
+    # A fresh launcher process imports torch once and forks the ranks (no rank pays the import; no thread of the
+    # test process is forked).
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    arguments = json.dumps([str(tmp_path / "rendezvous"), model_dirs, str(tmp_path)])
+    launched = subprocess.run([sys.executable, __file__, arguments], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert launched.returncode == 0, launched.stderr[-6000:]
     for name, path in model_dirs.items():
         single_model = CausalLM.load(path)
         single = _scenario(single_model)
@@ -73,3 +84,8 @@ def test_tensor_parallel_matches_single_rank(tmp_path):
             for layer, layer_cache in enumerate(sharded["cache"]):
                 expected = single["cache"][layer][:, :, :, first_head:first_head + heads_local]
                 torch.testing.assert_close(layer_cache, expected, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mp.start_processes(_worker, args=tuple(json.loads(sys.argv[1])), nprocs=TP_SIZE, join=True, start_method="fork")

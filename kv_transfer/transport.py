@@ -1,9 +1,9 @@
 """The transport interface and its registry.
 
 A transport moves the chunks of KV transfers from prefill replicas (clients) into the paged cache of a decode
-replica (server). Backends register under a name and are imported lazily, so `local` needs no ucxx:
+replica (server). Backends register under a name and are imported lazily, so `local` and `nccl` need no ucxx:
 
-    backend = get_transport("ucx")                  # or "local"; "nccl" comes later
+    backend = get_transport("ucx")                  # or "nccl", or "local" (in-process, for tests)
     server = backend.make_server(token=cluster_token)
     address = await server.start(host)             # decode replica, once
     client = backend.make_client(token=cluster_token)
@@ -136,6 +136,7 @@ class Transport(abc.ABC):
 # Built-in backends, imported on first use so that importing kv_transfer never needs ucxx.
 _LAZY_MODULES = {
     "ucx": "kv_transfer.ucx_transport",
+    "nccl": "kv_transfer.nccl_transport",
     "local": "kv_transfer.local_transport",
 }
 _REGISTRY: dict[str, type[Transport]] = {}

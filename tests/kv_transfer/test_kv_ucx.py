@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import time
 
 import pytest
 import torch
 
-import kv_ucx_peer
 from kv_test_helpers import (
     SENTINEL,
     assert_kv_landed,
@@ -26,6 +24,7 @@ from kv_test_helpers import (
     shuffled_block_sets,
 )
 from kv_transfer import KVReceiver, KVSender, TransferAborted, TransportOptions, get_transport
+from kv_ucx_peer import Peer, job
 
 TOKEN = "ucx-test-token"
 NUM_LAYERS = 4
@@ -35,41 +34,9 @@ NUM_HEADS = 2
 HEAD_DIM = 64  # 4 KiB per block: single blocks go eagerly, runs of blocks by rendezvous (UCX_RNDV_THRESH=8192)
 
 
-class Peer:
-    """A prefill process running kv_ucx_peer, spoken to over a pipe."""
-
-    def __init__(self, token: str = TOKEN):
-        context = multiprocessing.get_context("spawn")
-        self._connection, child_end = context.Pipe()
-        self.process = context.Process(target=kv_ucx_peer.main, args=(child_end, token), daemon=True)
-        self.process.start()
-        child_end.close()
-
-    async def call(self, command, timeout_s: float = 30.0):
-        self._connection.send(command)
-        loop = asyncio.get_running_loop()
-        # Poll in a thread: the event loop must keep running, the UCX server lives on it.
-        if not await loop.run_in_executor(None, self._connection.poll, timeout_s):
-            raise TimeoutError(f"peer did not answer {command[0]!r} within {timeout_s}s")
-        return self._connection.recv()
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join(10)
-
-    def stop(self) -> None:
-        try:
-            if self.process.is_alive():
-                self._connection.send(("stop",))
-                self.process.join(10)
-        finally:
-            if self.process.is_alive():
-                self.kill()
-
-
 @pytest.fixture(scope="module")
 def peer():
-    peer = Peer()
+    peer = Peer(TOKEN)
     yield peer
     peer.stop()
     assert peer.process.exitcode == 0, "the peer process did not shut down cleanly (ucxx threads left behind?)"
@@ -80,11 +47,6 @@ async def _start_decode(*, checksum: bool = False):
     await server.start("127.0.0.1")
     cache = make_cache(NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_HEADS, HEAD_DIM)
     return server, cache, KVReceiver(server, cache, BLOCK_SIZE, checksum=checksum)
-
-
-def _job(info, seed, layers=None, *, delay_s=0.0, finish=True):
-    return dict(info=info, seed=seed, layers=list(range(info.num_layers)) if layers is None else layers,
-                delay_s=delay_s, finish=finish)
 
 
 def _kv(seed, num_tokens):
@@ -123,7 +85,7 @@ def test_ucx_concurrent_requests_land_bitwise_in_their_blocks(peer):
         tables = shuffled_block_sets(21, NUM_BLOCKS, [blocks_needed(n, BLOCK_SIZE) + 2 for n in num_tokens])
         infos = [receiver.reserve(f"req-{i}", t, n, lease_s=20) for i, (t, n) in enumerate(zip(tables, num_tokens))]
         waits = [asyncio.create_task(receiver.wait_complete(info.request_id)) for info in infos]
-        replies = await peer.call(("push", [_job(info, 200 + i) for i, info in enumerate(infos)]))
+        replies = await peer.call(("push", [job(info, 200 + i) for i, info in enumerate(infos)]))
         assert [r[0] for r in replies] == ["ok"] * 3, replies
         landed = await asyncio.gather(*waits)
         for i, info in enumerate(infos):
@@ -159,7 +121,7 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
         num_tokens = 90
         blocks = shuffled_block_sets(5, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
         old = receiver.reserve("old", blocks, num_tokens, lease_s=20)
-        assert (await peer.call(("push_async", [_job(old, 1, [0, 1], finish=False)])))[0] == "started"
+        assert (await peer.call(("push_async", [job(old, 1, [0, 1], finish=False)])))[0] == "started"
         deadline = time.monotonic() + 10
         while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
@@ -170,7 +132,7 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
         new = receiver.reserve("new", blocks, num_tokens, lease_s=20)
         waiter = asyncio.create_task(receiver.wait_complete("new"))
         # The rest of the aborted request arrives late, together with the new one.
-        replies = await peer.call(("push", [_job(old, 1, [2, 3]), _job(new, 2)]))
+        replies = await peer.call(("push", [job(old, 1, [2, 3]), job(new, 2)]))
         assert [r[0] for r in replies] == ["ok", "ok"], replies
         await waiter
         assert_kv_landed(cache, blocks, num_tokens, _kv(2, num_tokens))
@@ -189,7 +151,7 @@ def test_ucx_lease_expiry_aborts_within_the_bound(peer):
         server, cache, receiver = await _start_decode()
         started = time.monotonic()
         info = receiver.reserve("late", [7, 8, 40], 12, lease_s=0.5)
-        replies = await peer.call(("push", [_job(info, 3, [0], finish=False)]))
+        replies = await peer.call(("push", [job(info, 3, [0], finish=False)]))
         assert replies == [("ok", None)]
         with pytest.raises(TransferAborted, match="lease of 0.5s expired"):
             await receiver.wait_complete("late")
@@ -203,7 +165,7 @@ def test_ucx_lease_expiry_aborts_within_the_bound(peer):
 def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_serving(peer):
     async def body():
         server, cache, receiver = await _start_decode()
-        doomed = Peer()
+        doomed = Peer(TOKEN)
         try:
             # Process start-up (torch, ucxx imports) must not eat into the lease: wait until it is connected.
             assert await doomed.call(("connect", server.address, TOKEN), timeout_s=60) == ("ok", None)
@@ -212,7 +174,7 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
             lease_s = 2.0
             info = receiver.reserve("doomed", blocks, num_tokens, lease_s=lease_s)
             started = time.monotonic()
-            await doomed.call(("push_async", [_job(info, 4, delay_s=0.3)]))
+            await doomed.call(("push_async", [job(info, 4, delay_s=0.3)]))
             while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() - started < lease_s:
                 await asyncio.sleep(0.01)
             doomed.kill()  # between layers or in the middle of one
@@ -224,7 +186,7 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
 
         # The server survived its peer's death: a new request from another process completes.
         fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=20)
-        replies = await peer.call(("push", [_job(fresh, 5)]))
+        replies = await peer.call(("push", [job(fresh, 5)]))
         assert replies[0][0] == "ok", replies
         await receiver.wait_complete("fresh")
         assert_kv_landed(cache, blocks, num_tokens, _kv(5, num_tokens))

@@ -61,13 +61,14 @@ def test_handshake_messages():
 
 
 def test_unknown_transport_names_the_known_ones():
-    with pytest.raises(UnknownTransportError, match="unknown KV transport 'nccl'.*known transports: local, ucx"):
-        get_transport("nccl")
+    with pytest.raises(UnknownTransportError, match="unknown KV transport 'nixl'.*known transports: local, nccl, ucx"):
+        get_transport("nixl")
 
 
 def test_builtin_transports_load_lazily():
     assert get_transport("local").name == "local"
     assert get_transport("ucx").name == "ucx"
+    assert get_transport("nccl").name == "nccl"
     assert {"local", "ucx"} <= set(known_transports())
 
 

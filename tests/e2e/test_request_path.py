@@ -175,7 +175,7 @@ def test_deadline_cancels_the_request_everywhere(llama_cluster):
     started = time.monotonic()
     with Client(cluster.address, timeout=1.0) as client:
         with pytest.raises(PdclusterError) as err:
-            list(client.generate(token_ids=list(range(30, 90)), max_tokens=800, ignore_eos=True))
+            list(client.generate(token_ids=list(range(30, 90)), max_tokens=400, ignore_eos=True))
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
     blocks = _wait_blocks_full(cluster)

@@ -21,6 +21,7 @@ import grpc
 import ray
 
 from mesh.config import ModelConfig
+from mesh.parallel import MeshShape
 from decode_tier.replica import ReservationRefused
 from orchestrator.backend import BackendError, FinishEvent, ModelInfo, RequestSpec, Timings, TokenEvent
 from orchestrator.deploy import Deployment, ReplicaHandle
@@ -59,14 +60,16 @@ class ClusterBackend:
         return {"inflight": self._inflight.get(handle.replica_id, 0),
                 "num_free_blocks": handle.info.get("num_free_blocks", 0)}
 
-    async def _reserve(self, spec: RequestSpec) -> tuple[ReplicaHandle, object]:
+    async def _reserve(self, spec: RequestSpec, prefill: ReplicaHandle) -> tuple[ReplicaHandle, object]:
         candidates = self._ready("decode")
         if not candidates:
             raise BackendError(grpc.StatusCode.UNAVAILABLE, "no decode replica is ready")
         refusals = []
         for handle in self._policy.order(candidates, self._load):
             try:
-                info = await handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params)
+                # The decode ranks post their receives for the mesh of the prefill replica that will push.
+                info = await handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
+                                                         prefill_mesh=_mesh_of(prefill))
                 used = len(info.block_ids)
                 handle.info["num_free_blocks"] = max(0, handle.info.get("num_free_blocks", 0) - used)
                 return handle, info
@@ -130,7 +133,7 @@ class ClusterBackend:
         used_replicas: list[ReplicaHandle] = []  # for the metrics: the replicas this request reached
         try:
             if params.max_tokens > 1:
-                decode, reservation = await self._reserve(spec)
+                decode, reservation = await self._reserve(spec, prefill)
                 self._bump(decode, +1)
                 used_replicas.append(decode)
             used_replicas.append(prefill)
@@ -269,8 +272,7 @@ class ClusterBackend:
                     "node": handle.node_ip,
                     "accelerator": str(section.resources.get("accelerator_type") or
                                        ("GPU" if section.resources.get("num_gpus") else "CPU")),
-                    "mesh": {"tp": section.mesh.tp, "cp": section.mesh.cp, "pp": section.mesh.pp,
-                             "ep": section.mesh.ep},
+                    "mesh": _mesh_status(handle.section or section),
                     "load": {"num_queued": int(stat.get("num_queued", stat.get("num_waiting_kv", 0))),
                              "num_running": int(stat.get("num_running", 0))},
                     "kv_blocks": {"num_free": int(stat.get("num_free_blocks", 0)),
@@ -312,6 +314,19 @@ async def _stats(handle: ReplicaHandle, timeout_s: float = 5.0) -> dict | None:
         return await asyncio.wait_for(handle.actor.get_stats.remote(), timeout_s)
     except Exception:
         return None
+
+
+def _mesh_status(section) -> dict:
+    """The mesh a replica runs (its own section: a tier's replicas differ during a rolling `pdcluster apply`)."""
+    return {"tp": section.mesh.tp, "cp": section.mesh.cp, "pp": section.mesh.pp, "ep": section.mesh.ep}
+
+
+def _mesh_of(handle: ReplicaHandle) -> MeshShape | None:
+    """The mesh a replica was started with (None: the tier's, as the decode replicas were told at deploy time)."""
+    if handle.section is None:
+        return None
+    mesh = handle.section.mesh
+    return MeshShape(tp=mesh.tp, cp=mesh.cp, pp=mesh.pp, ep=mesh.ep)
 
 
 def _cause(exc: Exception) -> str:

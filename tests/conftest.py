@@ -18,7 +18,8 @@ def ray_local():
 
     if not ray.is_initialized():
         root = str(Path(__file__).resolve().parent.parent)  # actors import the packages from this checkout
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False,
+        # address="local": always a fresh instance of our own, never a Ray cluster something else left running.
+        ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": root, "PDCLUSTER_KV_HOST": "127.0.0.1",
                                                   "UCX_NET_DEVICES": "lo"}})
     yield ray

@@ -1,12 +1,17 @@
-"""Multi-rank replicas end to end: a prefill mesh and a decode mesh that differ, every rank its own Ray actor, KV
+"""Multi-rank replicas end to end: prefill meshes and decode meshes that differ, every rank its own Ray actor, KV
 resharded rank to rank over UCX, client -> gRPC router -> prefill ranks -> decode ranks -> client; greedy output
-token for token equal to Hugging Face transformers. tiny-llama: 4 attention heads, 2 KV heads, 4 layers."""
+token for token equal to Hugging Face transformers. tiny-llama: 4 attention heads, 2 KV heads, 4 layers.
+
+One cluster holds four prefill replicas and four decode replicas, each with its own mesh (a tier's replicas may
+differ, as during a rolling `pdcluster apply`: the router tells the decode replica which prefill mesh will push).
+Each pair is tested by taking the other replicas out of rotation, so every request still takes the whole path."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
 import threading
+import time
 
 import pytest
 
@@ -19,8 +24,11 @@ from e2e_helpers import cluster_config, hf_greedy, make_model_dir
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW_TOKENS = 12
-PROMPT_LENGTHS = (3, 11, 30)  # 30 tokens cross several 8-token KV blocks; 3 is shorter than 2 * cp chunks
+MAX_NEW_TOKENS = 10
+PROMPT_LENGTHS = (3, 30)  # 30 tokens cross several 8-token KV blocks; 3 is shorter than 2 * cp chunks
+PREFILL_MESHES = ({"tp": 2}, {"tp": 1}, {"pp": 2}, {"cp": 2})
+DECODE_MESHES = ({"tp": 1}, {"tp": 2}, {"tp": 4}, {"pp": 2})  # tp4: each of the 2 KV heads on two decode ranks
+RANK_RESOURCES = {"num_cpus": 0.25}  # small actors: 16 ranks on a 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +39,36 @@ def llama(tmp_path_factory):
     return model_dir, prompts, hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
 
 
-def _meshes(model_dir, prefill: dict, decode: dict):
+def _config(model_dir, prefill: dict, decode: dict):
     config = cluster_config(model_dir)
-    rank = {"num_cpus": 0.25}  # small actors: 2-core CI machine, up to 6 ranks at once
     return dataclasses.replace(
         config,
-        prefill=dataclasses.replace(config.prefill, mesh=MeshSection(**prefill), resources=rank),
-        decode=dataclasses.replace(config.decode, mesh=MeshSection(**decode), resources=rank),
+        prefill=dataclasses.replace(config.prefill, mesh=MeshSection(**prefill), resources=RANK_RESOURCES),
+        decode=dataclasses.replace(config.decode, mesh=MeshSection(**decode), resources=RANK_RESOURCES),
     )
+
+
+def _name(mesh: dict) -> str:
+    return "".join(f"{axis}{degree}" for axis, degree in mesh.items())
+
+
+@pytest.fixture(scope="module")
+def mixed_cluster(ray_local, llama):
+    model_dir, _, _ = llama
+    config = _config(model_dir, PREFILL_MESHES[0], DECODE_MESHES[0])
+    with RunningCluster(config) as cluster:
+        deployment = cluster.deployment
+        for mesh in PREFILL_MESHES[1:]:
+            deployment.add_replica(dataclasses.replace(config.prefill, mesh=MeshSection(**mesh)))
+        for mesh in DECODE_MESHES[1:]:
+            deployment.add_replica(dataclasses.replace(config.decode, mesh=MeshSection(**mesh)))
+        yield cluster
+
+
+def _pin(cluster, prefill_id: str, decode_id: str) -> None:
+    """Route every request to this pair: the other replicas leave rotation (as a draining replica does)."""
+    for handle in cluster.deployment.prefill + cluster.deployment.decode:
+        handle.state = "ready" if handle.replica_id in (prefill_id, decode_id) else "draining"
 
 
 def _generate_all(address: str, prompts: list[list[int]]) -> list[tuple[list[int], object]]:
@@ -58,45 +88,62 @@ def _generate_all(address: str, prompts: list[list[int]]) -> list[tuple[list[int
     for t in threads:
         t.start()
     for t in threads:
-        t.join(180)
+        t.join(120)
     assert all(r is not None for r in results), "a request did not complete"
     return results
 
 
-LAYOUTS = {
-    "prefill-tp2-decode-tp1": ({"tp": 2}, {"tp": 1}),
-    "prefill-tp1-decode-tp2": ({"tp": 1}, {"tp": 2}),
-    "prefill-tp1-decode-tp4": ({"tp": 1}, {"tp": 4}),  # 2 KV heads: each replicated on two decode ranks
-    "prefill-pp2-decode-tp2": ({"pp": 2}, {"tp": 2}),
-    "prefill-cp2-decode-tp1": ({"cp": 2}, {"tp": 1}),
-    "prefill-tp2-decode-pp2": ({"tp": 2}, {"pp": 2}),
-}
+def test_every_mesh_pair_matches_transformers(mixed_cluster, llama):
+    cluster = mixed_cluster
+    _, prompts, expected = llama
+    status = cluster.status()
+    meshes = {r["id"]: r["mesh"] for tier in ("prefill", "decode") for r in status[tier]}
+    prefill_ids = [h.replica_id for h in cluster.deployment.prefill]
+    decode_ids = [h.replica_id for h in cluster.deployment.decode]
+    assert [meshes[i] for i in prefill_ids] == [{"tp": 1, "cp": 1, "pp": 1, "ep": 1} | m for m in PREFILL_MESHES]
+    assert [meshes[i] for i in decode_ids] == [{"tp": 1, "cp": 1, "pp": 1, "ep": 1} | m for m in DECODE_MESHES]
+    mismatches = []
+    for prefill_id, prefill_mesh in zip(prefill_ids, PREFILL_MESHES):
+        for decode_id, decode_mesh in zip(decode_ids, DECODE_MESHES):
+            _pin(cluster, prefill_id, decode_id)
+            pair = f"prefill {_name(prefill_mesh)} -> decode {_name(decode_mesh)}"
+            for prompt, (tokens, last), ref in zip(prompts, _generate_all(cluster.address, prompts), expected):
+                assert (last.prefill_replica, last.decode_replica) == (prefill_id, decode_id)
+                assert last.timings["kv_bytes"] > 0, pair
+                if tokens != ref:
+                    mismatches.append(f"{pair}, prompt of {len(prompt)} tokens: {tokens} != {ref}")
+    assert not mismatches, "\n".join(mismatches)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_unequal_meshes_match_transformers(ray_local, llama, layout):
-    model_dir, prompts, expected = llama
-    prefill, decode = LAYOUTS[layout]
-    with RunningCluster(_meshes(model_dir, prefill, decode)) as cluster:
-        results = _generate_all(cluster.address, prompts)
-        status = cluster.status()
-        blocks = status["decode"][0]["kv_blocks"]
-    for prompt, (tokens, last), ref in zip(prompts, results, expected):
-        assert tokens == ref, f"{layout}: prompt of {len(prompt)} tokens diverged from transformers"
-        if len(ref) > 1:
-            assert last.timings["kv_bytes"] > 0
-    assert status["prefill"][0]["mesh"] == {"tp": 1, "cp": 1, "pp": 1, "ep": 1} | prefill
-    assert status["decode"][0]["mesh"] == {"tp": 1, "cp": 1, "pp": 1, "ep": 1} | decode
-    assert blocks["num_free"] == blocks["num_total"], f"{layout}: KV blocks leaked: {blocks}"
+def test_cancel_mid_stream_frees_blocks_on_every_rank(mixed_cluster):
+    cluster = mixed_cluster
+    # CP prefill into a decode mesh that replicates heads: staged receives on four ranks.
+    _pin(cluster, cluster.deployment.prefill[3].replica_id, cluster.deployment.decode[2].replica_id)
+    with Client(cluster.address) as client:
+        stream = client.generate(token_ids=list(range(40, 70)), max_tokens=200, ignore_eos=True)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 3:
+                break
+        stream.close()
+    assert received >= 3
+    deadline = time.monotonic() + 15
+    while True:
+        blocks = [r["kv_blocks"] for r in cluster.status()["decode"]]
+        if all(b["num_free"] == b["num_total"] for b in blocks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all(b["num_free"] == b["num_total"] for b in blocks), f"KV blocks leaked: {blocks}"
 
 
 def test_bad_mesh_fails_at_deploy_naming_the_key(llama):
     model_dir, _, _ = llama
     # tiny-llama has 4 attention heads: tp=3 cannot split them. Checked before any actor starts.
     with pytest.raises(ConfigError) as error:
-        Deployment.start(_meshes(model_dir, {"tp": 1}, {"tp": 3}))
+        Deployment.start(_config(model_dir, {"tp": 1}, {"tp": 3}))
     assert error.value.key == "decode.mesh.tp"
     assert "4 attention heads" in str(error.value)
     with pytest.raises(ConfigError) as error:
-        Deployment.start(_meshes(model_dir, {"pp": 5}, {"tp": 1}))
+        Deployment.start(_config(model_dir, {"pp": 5}, {"tp": 1}))
     assert error.value.key == "prefill.mesh.pp"

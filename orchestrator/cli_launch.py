@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from orchestrator.config import ClusterConfig, load_config
 from orchestrator.launch import (REMOTE_CONFIG, REMOTE_DIR, REMOTE_SERVE_LOG, REMOTE_SERVE_PID, LaunchError,
-                                 auth_env, dump_ray_config, launch_files, python_ray_cli, required_nodes, validate_ray_config,
+                                 dump_ray_config, head_driver_env, launch_files, python_ray_cli, required_nodes, validate_ray_config,
                                  write_launch_files)
 
 Runner = Callable[[Sequence[str]], int]  # runs a command with the terminal's stdio, returns its exit status
@@ -58,7 +58,7 @@ def add_down_args(parser: argparse.ArgumentParser) -> None:
 def wait_nodes_command(config: ClusterConfig, timeout_s: float) -> str:
     need, num_nodes = required_nodes(config)
     needs = "".join(f" --need {shlex.quote(f'{name}={count}')}" for name, count in sorted(need.items()))
-    return (f"{auth_env(config.launch)} python -m orchestrator.launch_wait --nodes {num_nodes}{needs} "
+    return (f"{head_driver_env(config.launch)} python -m orchestrator.launch_wait --nodes {num_nodes}{needs} "
             f"--timeout {timeout_s:.0f}")
 
 
@@ -75,7 +75,7 @@ def serve_command(config: ClusterConfig, timeout_s: float) -> str:
         f"if [ -f {REMOTE_SERVE_PID} ] && kill -0 {pid} 2>/dev/null; then "
         f"echo \"pdcluster: already serving (pid $(cat {REMOTE_SERVE_PID})); change it with pdcluster apply\"; exit 0; fi; "
         f"rm -f {REMOTE_SERVE_PID}; "
-        f"{auth_env(config.launch)} nohup setsid sh -c {shlex.quote(f'echo $$ > {REMOTE_SERVE_PID}; {serve}')} "
+        f"{head_driver_env(config.launch)} nohup setsid sh -c {shlex.quote(f'echo $$ > {REMOTE_SERVE_PID}; {serve}')} "
         f"> {REMOTE_SERVE_LOG} 2>&1 < /dev/null & "
         f"for i in $(seq 1 {tries}); do "
         f"if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then echo 'pdcluster: router is up on port {port}'; exit 0; fi; "

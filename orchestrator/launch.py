@@ -187,6 +187,12 @@ def auth_env(launch: LaunchSection) -> str:
     return f"RAY_AUTH_MODE={launch.ray_auth}"
 
 
+def head_driver_env(launch: LaunchSection) -> str:
+    """Environment for a Ray driver on the head (`pdcluster serve`, the node wait): the head's own Ray by address,
+    not `auto`'s guess (which picks among every Ray instance it finds on the machine), and the token."""
+    return f"{auth_env(launch)} RAY_ADDRESS=127.0.0.1:{RAY_PORT}"
+
+
 def setup_commands(config: ClusterConfig, raw_model_path: str) -> list[str]:
     """Every node: the user's commands first (environment, drivers, weights), then Ray and pdcluster, then the
     preset model (seeded, so every node writes the same weights) where cluster.yaml asks for one."""

@@ -266,3 +266,11 @@ def test_files_without_launch_are_unchanged_and_launch_null_is_absent():
     with pytest.raises(ConfigError) as err:
         derive_ray_config(config, {}, None)
     assert err.value.key == "launch"
+
+
+def test_operations_doc_covers_every_launch_key():
+    from orchestrator.config_launch import _NODE_TYPE_KEYS, LAUNCH_KEYS
+
+    text = (DOCS / "cluster-operations.md").read_text()
+    for key in (*LAUNCH_KEYS, *_NODE_TYPE_KEYS):
+        assert f"{key}:" in text or f"`{key}`" in text, f"docs/cluster-operations.md does not explain launch key {key}"

@@ -153,7 +153,8 @@ def node(tmp_path):
     bin_dir.mkdir()
     _stand_in(bin_dir, "pdcluster", """
         import os, socket, sys, time
-        print("args", sys.argv[1:], "auth", os.environ.get("RAY_AUTH_MODE"), flush=True)
+        print("args", sys.argv[1:], "auth", os.environ.get("RAY_AUTH_MODE"), "ray", os.environ.get("RAY_ADDRESS"),
+              flush=True)
         if os.environ.get("FAKE_FAIL"):
             sys.exit("pdcluster: cluster.yaml: decode.mesh.tp: 3 does not divide 8 heads")
         server = socket.socket()
@@ -189,7 +190,8 @@ def test_serve_starts_detached_reports_the_port_and_stops(node, tmp_path):
     pid = int((home / "pdcluster" / "serve.pid").read_text())
     assert _alive(pid)  # outlived the shell that started it, as it must outlive `ray exec`'s ssh session
     log = (home / "pdcluster" / "serve.log").read_text()
-    assert "args ['serve', '" + str(home / "pdcluster" / "files" / "cluster.yaml") + "'] auth token" in log
+    cluster_yaml = str(home / "pdcluster" / "files" / "cluster.yaml")
+    assert f"args ['serve', '{cluster_yaml}'] auth token ray 127.0.0.1:6379" in log  # the head's own Ray, by address
 
     again = _bash(cli_launch.serve_command(config, timeout_s=30), home, bin_dir, FAKE_PORT=str(port))
     assert again.returncode == 0 and "already serving" in again.stdout

@@ -375,8 +375,6 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         launch=_parse_launch(raw),
         source=source,
     )
-    if config.kv_transfer.backend == "nccl":
-        raise ConfigError("kv_transfer.backend", "'nccl' is not available in this release yet; use 'ucx'")
     if config.launch is not None:  # the file is served on the cluster it launches: Ray is that cluster
         from orchestrator.config_launch import apply_launch_rules
 

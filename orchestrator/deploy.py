@@ -132,8 +132,9 @@ class Deployment:
         connect_ray(config)
         deployment = cls(config)
         try:
-            deployment._add_replicas(config.decode, config.decode.replicas, out)
-            deployment._add_replicas(config.prefill, config.prefill.replicas, out)
+            # Both tiers at once: every rank's start (process, imports, weights) overlaps with the others'.
+            deployment.add_replicas([config.decode] * config.decode.replicas
+                                    + [config.prefill] * config.prefill.replicas, out=out)
         except BaseException:
             deployment.shutdown()
             raise
@@ -156,15 +157,18 @@ class Deployment:
         """Record the tier settings that replicas started from now on use (after `pdcluster apply`)."""
         self.config = dataclasses.replace(self.config, **{tier.name: tier})
 
-    def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
-        validate_mesh(tier, self.config.model.path)
+    def add_replicas(self, sections: list[TierSection], *, out=sys.stderr) -> list[ReplicaHandle]:
+        """Place and start one replica per section (tiers and meshes may differ), all at the same time; blocks until
+        every one is ready and takes traffic."""
+        for section in sections:
+            validate_mesh(section, self.config.model.path)
         handles = []
-        for _ in range(count):
-            handle = self._place(tier)
-            handle.section = tier
-            self.replicas(tier.name).append(handle)
+        for section in sections:
+            handle = self._place(section)
+            handle.section = section
+            self.replicas(section.name).append(handle)
             handles.append(handle)
-        refs = {h.replica_id: self._start_actor(tier, h) for h in handles}
+        refs = {h.replica_id: self._start_actor(h.section, h) for h in handles}
         deadline = time.monotonic() + START_TIMEOUT_S
         for handle in handles:
             try:
@@ -179,6 +183,9 @@ class Deployment:
             handle.node_ip = handle.info.get("node_ip", "")
             print(f"pdcluster: {handle.replica_id} ready", file=out, flush=True)
         return handles
+
+    def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
+        return self.add_replicas([tier] * count, out=out)
 
     def _place(self, tier: TierSection) -> ReplicaHandle:
         index = self._counters[tier.name]

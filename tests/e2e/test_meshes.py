@@ -57,11 +57,9 @@ def mixed_cluster(ray_local, llama):
     model_dir, _, _ = llama
     config = _config(model_dir, PREFILL_MESHES[0], DECODE_MESHES[0])
     with RunningCluster(config) as cluster:
-        deployment = cluster.deployment
-        for mesh in PREFILL_MESHES[1:]:
-            deployment.add_replica(dataclasses.replace(config.prefill, mesh=MeshSection(**mesh)))
-        for mesh in DECODE_MESHES[1:]:
-            deployment.add_replica(dataclasses.replace(config.decode, mesh=MeshSection(**mesh)))
+        cluster.deployment.add_replicas(
+            [dataclasses.replace(config.prefill, mesh=MeshSection(**mesh)) for mesh in PREFILL_MESHES[1:]]
+            + [dataclasses.replace(config.decode, mesh=MeshSection(**mesh)) for mesh in DECODE_MESHES[1:]])
         yield cluster
 
 

@@ -8,9 +8,9 @@ own, so this runs as `python placement_cluster.py MODEL_DIR` and prints one JSON
    "unplaceable_error": DeploymentError message or null,
    "unplaceable_seconds": float}
 
-Nodes: a head with CPUs and no accelerator, one node with the custom resource `accelerator_type:H100`, one with
-`accelerator_type:A100` (what Ray sets on real GPU machines). Prefill asks for H100, decode for A100; then a
-second deployment asks for B200, which no node has.
+Nodes: a head with CPUs and no accelerator, two nodes with the custom resource `accelerator_type:H100`, one with
+`accelerator_type:A100` (what Ray sets on real GPU machines). Prefill (2 replicas of 2 ranks) asks for H100,
+decode for A100; then a second deployment asks for B200, which no node has.
 """
 
 from __future__ import annotations
@@ -33,15 +33,15 @@ def _node_of(actor) -> str:
 def _config(model_dir: str, prefill_accelerator: str, decode_accelerator: str):
     from orchestrator.config import parse_config
 
-    def tier(accelerator: str, replicas: int) -> dict:
-        return {"replicas": replicas, "resources": {"num_cpus": 0.5, "accelerator_type": accelerator},
-                "num_kv_blocks": 32, "block_size": 8}
+    def tier(accelerator: str, replicas: int, tp: int) -> dict:
+        return {"replicas": replicas, "mesh": {"tp": tp}, "num_kv_blocks": 32, "block_size": 8,
+                "resources": {"num_cpus": 0.5, "accelerator_type": accelerator}}
 
     return parse_config({
         "model": {"path": model_dir},
         "router": {"port": 0},
-        "prefill": tier(prefill_accelerator, 2),
-        "decode": tier(decode_accelerator, 1),
+        "prefill": tier(prefill_accelerator, 2, tp=2),  # two ranks per replica: placed together (PACK)
+        "decode": tier(decode_accelerator, 1, tp=1),
     })
 
 
@@ -55,7 +55,7 @@ def main(model_dir: str) -> dict:
     root = str(Path(__file__).resolve().parents[2])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     accelerators = {cluster.head_node.node_id: "none"}
-    for name in ("H100", "A100"):
+    for name in ("H100", "H100", "A100"):
         node = cluster.add_node(num_cpus=2, resources={f"accelerator_type:{name}": 1})
         accelerators[node.node_id] = name
     cluster.wait_for_nodes()
@@ -86,5 +86,7 @@ def main(model_dir: str) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
     os.environ.setdefault("PDCLUSTER_KV_HOST", "127.0.0.1")
+    # four raylets on a small, busy CI machine: give each more than Ray's default time to register
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     outcome = main(sys.argv[1])
     print(json.dumps(outcome), flush=True)

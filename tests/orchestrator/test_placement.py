@@ -29,7 +29,7 @@ def placement(tmp_path_factory):
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     env.pop("RAY_ADDRESS", None)  # the script starts its own cluster; never join this session's
     done = subprocess.run([sys.executable, str(SCRIPT), str(model_dir)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=480)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -37,12 +37,15 @@ def placement(tmp_path_factory):
 @pytest.mark.slow
 def test_each_tier_lands_only_on_its_accelerator_nodes(placement):
     accelerator_of = placement["nodes"]
-    assert sorted(accelerator_of.values()) == ["A100", "H100", "none"]
+    assert sorted(accelerator_of.values()) == ["A100", "H100", "H100", "none"]
     placed = placement["placed"]
     assert sorted(placed) == ["decode-0", "prefill-0", "prefill-1"]
     for replica_id, node_ids in placed.items():
         wanted = "H100" if replica_id.startswith("prefill") else "A100"
-        assert node_ids and {accelerator_of[n] for n in node_ids} == {wanted}, (replica_id, node_ids)
+        assert {accelerator_of[n] for n in node_ids} == {wanted}, (replica_id, node_ids)
+    # every rank actor answered; a replica's ranks share one node (PACK), though two H100 nodes were free
+    assert [len(placed[r]) for r in ("prefill-0", "prefill-1", "decode-0")] == [2, 2, 1]
+    assert all(len(set(node_ids)) == 1 for node_ids in placed.values()), placed
 
 
 @pytest.mark.slow

@@ -22,8 +22,11 @@ Q block against its own K/V. One all-to-all then returns each partial to its Q's
 Masks need no communication: every rank holds the same plan, so it knows the sequence and position of every row of
 every other rank's block.
 
-The per-block kernel is `masked_block_attention` (matmul, mask, logsumexp; fine on CPU and for tests). A flash
-kernel that returns its LSE can replace it through the `block_attention` argument: same signature.
+The per-block kernel is `masked_block_attention` (matmul, mask, logsumexp; fine on CPU and for tests) unless the
+caller passes `block_attention` (same signature). With none given, CUDA bf16/fp16 blocks use
+`mesh.flash_block_attention` (fused kernels returning their LSE, no score matrix); CPU keeps the masked one. A block
+attention with a true `takes_host_metadata` attribute gets the row metadata (sequence ids, positions) on the host,
+where it plans its kernel calls without waiting for the GPU.
 """
 
 from __future__ import annotations
@@ -62,22 +65,24 @@ def ring_attention(q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.
     rank, cp_size = _group_rank_and_size(plan, group)
     _validate_shapes(q_local, k_local, v_local, plan, rank, cached_k_local, cached_v_local, cached_positions)
     scale = 1.0 / math.sqrt(q_local.shape[-1]) if scale is None else scale
-    attend = block_attention or masked_block_attention
+    attend = block_attention or _default_block_attention(q_local)
     compute_dtype = torch.promote_types(q_local.dtype, torch.float32)
 
     device = q_local.device
-    q_seq = [s.to(device) for s in plan.seq_ids]
-    q_pos = [p.to(device) for p in plan.positions]
+    # The plan lives on the host; a kernel that plans there gets it as is (no copy, no device sync).
+    metadata_device = torch.device("cpu") if getattr(attend, "takes_host_metadata", False) else device
+    q_seq = [s.to(metadata_device) for s in plan.seq_ids]
+    q_pos = [p.to(metadata_device) for p in plan.positions]
     if cached_k_local is None:
         # No cached prefix anywhere (checked above): a KV block is exactly the new-token shard.
         cached_k_local = k_local.new_zeros((0, *k_local.shape[1:]))
         cached_v_local = cached_k_local
     if mode == "pass-kv":
         out = _pass_kv(q_local, k_local, v_local, cached_k_local, cached_v_local, plan, rank, cp_size, group,
-                       q_seq, q_pos, scale, attend)
+                       q_seq, q_pos, scale, attend, metadata_device)
     else:
         out = _pass_q(q_local, k_local, v_local, cached_k_local, cached_v_local, plan, rank, cp_size, group,
-                      q_seq, q_pos, scale, attend, compute_dtype)
+                      q_seq, q_pos, scale, attend, compute_dtype, metadata_device)
     return out.to(q_local.dtype)
 
 
@@ -101,6 +106,14 @@ def masked_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     return out, lse.permute(2, 0, 1).reshape(num_q, num_heads)
 
 
+def _default_block_attention(q: torch.Tensor) -> BlockAttention:
+    """masked_block_attention on CPU; the fused-kernel block attention for CUDA bf16/fp16 (that module decides, and
+    holds the process-wide override `set_default_backend`)."""
+    from mesh.flash_block_attention import select_block_attention  # imports this module: lazy, no cycle
+
+    return select_block_attention(q)
+
+
 def merge_partials(out_a: torch.Tensor | None, lse_a: torch.Tensor | None, out_b: torch.Tensor,
                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of two softmax-attention partials over disjoint key sets: out [T, H, D], lse [T, H]. Stable:
@@ -114,7 +127,8 @@ def merge_partials(out_a: torch.Tensor | None, lse_a: torch.Tensor | None, out_b
     return out, lse_max + torch.log(total)
 
 
-def _pass_kv(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_pos, scale, attend):
+def _pass_kv(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_pos, scale, attend,
+             metadata_device):
     device = q.device
     max_cached = plan.max_cached_local
     # One contiguous buffer [2, rows, Hkv, D] per block so each ring step is a single send and a single receive.
@@ -130,7 +144,7 @@ def _pass_kv(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_p
         if step < cp_size - 1:
             incoming = torch.empty_like(block)
             pending = _post_ring_exchange(block, incoming, rank, cp_size, group)
-        kv_seq, kv_pos = _key_metadata(plan, source, max_cached, device)
+        kv_seq, kv_pos = _key_metadata(plan, source, max_cached, metadata_device)
         block_out, block_lse = attend(q, block[0], block[1], q_seq[rank], q_pos[rank], kv_seq, kv_pos, scale)
         out, lse = merge_partials(out, lse, block_out, block_lse)
         if pending is not None:
@@ -139,10 +153,11 @@ def _pass_kv(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_p
     return out
 
 
-def _pass_q(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_pos, scale, attend, compute_dtype):
+def _pass_q(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_pos, scale, attend, compute_dtype,
+            metadata_device):
     device = q.device
     keys, values = torch.cat([k, cached_k]), torch.cat([v, cached_v])
-    kv_seq, kv_pos = _key_metadata(plan, rank, cached_k.shape[0], device)
+    kv_seq, kv_pos = _key_metadata(plan, rank, cached_k.shape[0], metadata_device)
     num_rows, num_heads, head_dim = q.shape
     # partials[j] = (out | lse) of rank j's queries against this rank's K/V; the lse rides in an extra column so
     # the return trip is one all-to-all.

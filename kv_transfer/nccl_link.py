@@ -7,7 +7,8 @@ host tensors) on a `PrefixStore` of the server's TCPStore: no `init_process_grou
 touches the model's own process groups of the same process.
 
 NCCL and Gloo calls block (communicator set-up, Gloo waits), so they never run on the event loop:
-- the *op thread* issues every operation in submission order (point-to-point messages are matched in order, so
+- the *op thread* builds the group at the first operation (on that operation's device, which is when both ranks
+  first meet) and issues every operation in submission order (point-to-point messages are matched in order, so
   the order of `submit` calls on the two sides must correspond). On CUDA it works on a private stream, so waiting
   for a transfer never waits for the compute on the default stream;
 - the *completion thread* waits for each operation in the same order (Gloo: `work.wait()`; NCCL: an event
@@ -112,6 +113,7 @@ class PeerLink:
         self._backend: Any = None
         self._backend_name = ""
         self._peer_rank = SERVER_RANK
+        self._spec: GroupSpec | None = None
         self._stream: Any = None
         self._error: str | None = None  # set once: every later operation fails with it
         self._is_peer_gone = False
@@ -188,7 +190,7 @@ class PeerLink:
                 self._completions.put(_STOP)
                 return
             if isinstance(item, _Build):
-                self._build(item.spec)
+                self._spec = item.spec  # built at the first operation, once its device is known
                 continue
             if self._error is not None or self._is_peer_gone:
                 self._report(item.on_done, self._error or "peer disconnected")
@@ -226,10 +228,15 @@ class PeerLink:
 
     def _issue(self, op: _Op) -> _Issued:
         device = op.messages[0][0].device
+        if device.type == "cuda" and self._stream is None:
+            # Before the group exists: ProcessGroupNCCL binds to this thread's current device.
+            torch.cuda.set_device(device)
+            self._stream = torch.cuda.Stream(device)
+        if self._backend is None:
+            self._build(self._spec)  # blocks until the peer's first operation builds its side
+            if self._error is not None:
+                raise RuntimeError(self._error)
         if device.type == "cuda":
-            if self._stream is None:
-                torch.cuda.set_device(device)
-                self._stream = torch.cuda.Stream(device)
             with torch.cuda.stream(self._stream):
                 issued = self._issue_on_current_stream(op, device)
                 for work in issued.works:
@@ -371,7 +378,7 @@ def _scatter(buffers: list[torch.Tensor], messages: list[list[torch.Tensor]]) ->
             continue
         views = [byte_view(t) for t in tensors]
         parts = buffer.split([v.numel() for v in views])
-        if buffer.is_cuda:
+        if buffer.is_cuda and hasattr(torch, "_foreach_copy_"):
             torch._foreach_copy_(views, list(parts))  # a few kernels instead of one per block
         else:
             for view, part in zip(views, parts):

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 from orchestrator.config import ClusterConfig, load_config
 from orchestrator.launch import (REMOTE_CONFIG, REMOTE_DIR, REMOTE_SERVE_LOG, REMOTE_SERVE_PID, LaunchError,
-                                 dump_ray_config, head_driver_env, launch_files, python_ray_cli, required_nodes, validate_ray_config,
-                                 write_launch_files)
+                                 dump_ray_config, head_driver_env, launch_files, python_ray_cli, required_nodes,
+                                 validate_ray_config, write_launch_files)
 
 Runner = Callable[[Sequence[str]], int]  # runs a command with the terminal's stdio, returns its exit status
 
@@ -73,16 +73,19 @@ def serve_command(config: ClusterConfig, timeout_s: float) -> str:
     return (
         f"mkdir -p {REMOTE_DIR}; "
         f"if [ -f {REMOTE_SERVE_PID} ] && kill -0 {pid} 2>/dev/null; then "
-        f"echo \"pdcluster: already serving (pid $(cat {REMOTE_SERVE_PID})); change it with pdcluster apply\"; exit 0; fi; "
+        f"echo \"pdcluster: already serving (pid $(cat {REMOTE_SERVE_PID})); change it with pdcluster apply\"; "
+        f"exit 0; fi; "
         f"rm -f {REMOTE_SERVE_PID}; "
-        f"{head_driver_env(config.launch)} nohup setsid sh -c {shlex.quote(f'echo $$ > {REMOTE_SERVE_PID}; {serve}')} "
-        f"> {REMOTE_SERVE_LOG} 2>&1 < /dev/null & "
+        f"{head_driver_env(config.launch)} nohup setsid sh -c {shlex.quote(f'echo $$ > {REMOTE_SERVE_PID}; {serve}')}"
+        f" > {REMOTE_SERVE_LOG} 2>&1 < /dev/null & "
         f"for i in $(seq 1 {tries}); do "
-        f"if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then echo 'pdcluster: router is up on port {port}'; exit 0; fi; "
+        f"if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then "
+        f"echo 'pdcluster: router is up on port {port}'; exit 0; fi; "
         f"if [ -f {REMOTE_SERVE_PID} ] && ! kill -0 {pid} 2>/dev/null; then "
         f"echo 'pdcluster serve exited:'; tail -n 40 {REMOTE_SERVE_LOG}; exit 1; fi; "
         f"sleep 1; done; "
-        f"echo 'pdcluster: the router did not open port {port} in {timeout_s:.0f} s:'; tail -n 40 {REMOTE_SERVE_LOG}; exit 1"
+        f"echo 'pdcluster: the router did not open port {port} in {timeout_s:.0f} s:'; "
+        f"tail -n 40 {REMOTE_SERVE_LOG}; exit 1"
     )
 
 
@@ -135,9 +138,10 @@ def run_launch(args: argparse.Namespace, *, runner: Runner = _run, out=None, err
                   file=err)
             return 1
     port = config.router.port
-    print(f"pdcluster launch: done. Reach the router through ssh: `{shlex.join([*ray, 'attach', cluster_file, '--port-forward', str(port)])}` "
-          f"then `pdcluster status --address 127.0.0.1:{port}`; logs: `ray exec {cluster_file} 'tail -f {REMOTE_SERVE_LOG}'`",
-          file=err)
+    attach = shlex.join(["ray", "attach", cluster_file, "--port-forward", str(port)])
+    print(f"pdcluster launch: done. Reach the router through ssh: `{attach}`, then "
+          f"`pdcluster status --address 127.0.0.1:{port}`; serve's log: "
+          f"`ray exec {cluster_file} 'tail -f {REMOTE_SERVE_LOG}'`", file=err)
     return 0
 
 

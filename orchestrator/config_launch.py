@@ -225,6 +225,7 @@ def apply_launch_rules(launch: LaunchSection, ray_section: RaySection, tiers: tu
                               f"one of launch.node_types ({', '.join(sorted(offered)) or 'none defined yet'})")
         if accelerator is not None and accelerator not in offered:
             raise ConfigError(f"{tier.name}.resources.accelerator_type",
-                              f"{accelerator!r} is not offered by any launched node; add launch.node_types.{accelerator} "
+                              f"{accelerator!r} is not offered by any launched node; add "
+                              f"launch.node_types.{accelerator} "
                               f"(offered now: {', '.join(sorted(offered)) or 'none'})")
     return dataclasses.replace(ray_section, address="auto")

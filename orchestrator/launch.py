@@ -301,8 +301,8 @@ def derive_ray_config(config: ClusterConfig, raw: dict, files: LaunchFiles) -> d
         return ray_config
     workers = plan_workers(config)
     ray_config["available_node_types"] = {
-        HEAD_NODE_TYPE: {"node_config": dict(launch.head_node.node_config), "resources": dict(launch.head_node.resources),
-                         "min_workers": 0, "max_workers": 0},
+        HEAD_NODE_TYPE: {"node_config": dict(launch.head_node.node_config),
+                         "resources": dict(launch.head_node.resources), "min_workers": 0, "max_workers": 0},
         **{w.node_type_name: {"node_config": dict(launch.node_types[w.accelerator_type].node_config),
                               "resources": dict(w.resources), "min_workers": w.min_workers,
                               "max_workers": w.max_workers} for w in workers},
@@ -394,7 +394,7 @@ def write_launch_files(config_path: str | os.PathLike, config: ClusterConfig, fi
 
 
 def dump_ray_config(ray_config: dict) -> str:
-    header = "# Ray cluster-launcher config derived by `pdcluster launch --print` from cluster.yaml; `ray up` reads it.\n"
+    header = "# Ray cluster-launcher config derived by `pdcluster launch` from cluster.yaml; `ray up` reads it.\n"
     return header + yaml.safe_dump(ray_config, sort_keys=False, width=120)
 
 
@@ -412,7 +412,8 @@ def validate_ray_config(ray_config: dict) -> dict:
     except Exception as exc:  # jsonschema.ValidationError, ValueError, or Ray's cli abort (SystemExit-free)
         where = "/".join(str(p) for p in getattr(exc, "absolute_path", []) or [])
         message = getattr(exc, "message", None) or str(exc)
-        raise LaunchError(f"Ray rejects the derived cluster config{f' at {where}' if where else ''}: {message}") from None
+        at = f" at {where}" if where else ""
+        raise LaunchError(f"Ray rejects the derived cluster config{at}: {message}") from None
     return prepared
 
 

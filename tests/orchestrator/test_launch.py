@@ -19,7 +19,8 @@ from orchestrator.launch import (HEAD_NODE_TYPE, REMOTE_CONFIG, REMOTE_FILES, La
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
-def _raw(provider: dict, node_types: dict, *, prefill: dict | None = None, decode: dict | None = None, **launch) -> dict:
+def _raw(provider: dict, node_types: dict, *, prefill: dict | None = None, decode: dict | None = None,
+         **launch) -> dict:
     head = {} if provider["type"] == "local" else {"node_config": {"InstanceType": "m5.2xlarge"}}
     return {
         "model": {"path": "/models/llama"},
@@ -131,7 +132,8 @@ def test_setup_and_start_commands(tmp_path):
                          "--preset tiny-llama"]
     for commands in (ray_config["head_start_ray_commands"], ray_config["worker_start_ray_commands"]):
         assert commands[0] == "ray stop" and "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in commands[1]
-    assert "--head --port=6379 --autoscaling-config=~/ray_bootstrap_config.yaml" in ray_config["head_start_ray_commands"][1]
+    head_start = ray_config["head_start_ray_commands"][1]
+    assert "--head --port=6379 --autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
 
 
 def test_token_is_made_once_private_and_kept(tmp_path):

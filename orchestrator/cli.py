@@ -6,6 +6,11 @@
   pdcluster generate --address H:P PROMPT    stream one completion from a running cluster
   pdcluster status --address H:P [--json]    tiers, replicas, load and free KV blocks
   pdcluster make-model DIR --preset NAME     write a model with seeded random weights in Hugging Face format
+  pdcluster apply CONFIG --address H:P       change a running deployment to match the file (--dry-run: plan only)
+  pdcluster launch CONFIG [--print]          start a Ray cluster for the file (ray up) and deploy on it
+  pdcluster down CONFIG                      stop serving and take the launched cluster down
+  pdcluster plan --preset NAME --gpu H200:8  choose each tier's mesh and replica count for latency targets
+  pdcluster calibrate                        measure this machine's ceilings for the planner
 
 Configuration problems print one line naming the key and exit with status 2 (no traceback).
 """
@@ -171,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     make.add_argument("--force", action="store_true")
     make.set_defaults(func=cmd_make_model)
+
+    from orchestrator import cli_launch
+
+    launch = sub.add_parser("launch", help="start a Ray cluster for a cluster.yaml (ray up) and deploy on it")
+    cli_launch.add_launch_args(launch)
+    launch.set_defaults(func=cli_launch.run_launch)
+    down = sub.add_parser("down", help="stop serving and take a launched Ray cluster down (ray down)")
+    cli_launch.add_down_args(down)
+    down.set_defaults(func=cli_launch.run_down)
 
     from orchestrator.planner.cli import add_subcommands as add_planner_subcommands
 

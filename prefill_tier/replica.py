@@ -191,7 +191,9 @@ class PrefillReplica:
             if self._workers:  # ranks may now be out of step: stop taking work (ping fails, the router moves on)
                 self._mesh_failure = message
             raise RuntimeError(message)
-        first_tokens = next(o.first_tokens for o in outcomes if o.first_tokens is not None)
+        first_tokens = next((o.first_tokens for o in outcomes if o.first_tokens is not None), None)
+        if first_tokens is None:
+            raise RuntimeError("no rank sampled the first tokens (the logits rank reported none)")
         forward_s = max(o.forward_s for o in outcomes)
         kv_s = max(o.kv_s for o in outcomes)
         for work, token in zip(batch, first_tokens):

@@ -112,7 +112,12 @@ def checks(document: dict, memory_labels: list[str]) -> dict:
         result[f"{name}_all_exceeded"] = _check(exceeded == batch["num_requests"],
                                                 f"{exceeded}/{batch['num_requests']} DEADLINE_EXCEEDED; "
                                                 f"codes {batch['codes']}")
-        result[f"{name}_freed"] = _check(batch["idle_after"]["is_idle"], _idle_detail(batch["idle_after"]))
+        detail = _idle_detail(batch["idle_after"])
+        eventually = batch.get("idle_eventually")
+        if not batch["idle_after"]["is_idle"] and eventually is not None:
+            detail += (f"; then {eventually['seconds']:.1f} s more until idle ({eventually['is_idle']}): "
+                       "what the cancel did not free, only a lease expiry did")
+        result[f"{name}_freed"] = _check(batch["idle_after"]["is_idle"], detail)
     soak = document.get("soak")
     if soak is not None:
         result["soak_no_failures"] = _check(soak["num_completed"] == soak["num_requests"],
@@ -181,16 +186,23 @@ def print_tables(document: dict) -> None:
                     [[label, *[cpu[phase]["cores"].get(label, math.nan) for phase in cpu]] for label in labels]
                     + [["machine, all processes", *[cpu[p].get("machine_busy_cores", math.nan) for p in cpu]],
                        ["machine, not listed above", *[cpu[p].get("others_cores", math.nan) for p in cpu]]])
+    answers = document.get("replica_answer_ms", {})
+    print_table("Replica answer time to a get_stats() call from the driver, every 0.5 s (ms; the router's health "
+                "check gives up at 2000)", ["phase / replica", "n", "p50", "p90", "p99", "max", "> 2 s"],
+                [[f"{phase} / {label}", m["n"], m["p50"], m["p90"], m["p99"], m["max"], m["num_over_2s"]]
+                 for phase, per_replica in answers.items() for label, m in per_replica.items()])
     rows = []
     for batch in document["deadlines"]:
         idle = batch["idle_after"]
         pools = ", ".join(f"{r['kv_free']}/{r['kv_total']}" for r in idle["replicas"] if r["id"].startswith("decode"))
+        eventually = batch.get("idle_eventually")
+        full_after = idle["seconds"] + (eventually["seconds"] if eventually and not idle["is_idle"] else 0.0)
         rows.append([f"{batch['deadline_s']:g}", batch["num_requests"], _codes(batch["codes"]),
                      batch["num_with_tokens"], batch["client_end_ms"]["max"], pools,
-                     f"{idle['is_idle']} ({idle['seconds']:.1f} s)"])
-    print_table(f"Phase 2: deadlines ({document['args']['deadline_max_tokens']}-token generations)",
-                ["deadline s", "requests", "status codes", "got tokens", "max end ms", "decode KV free/total",
-                 "idle after"], rows)
+                     f"{idle['is_idle']} ({idle['seconds']:.1f} s)", full_after])
+    print_table(f"Phase 2: deadlines ({document['args']['deadline_max_tokens']}-token generations); the pool "
+                "must be full again within --drain-timeout-s", ["deadline s", "requests", "status codes",
+                "got tokens", "max end ms", "decode KV free/total", "idle in time", "full again after s"], rows)
     soak = document.get("soak")
     if soak is not None:
         print_table(f"Phase 3: soak {soak['wall_s']:.0f} s, {soak['num_requests']} requests "

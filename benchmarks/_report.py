@@ -63,9 +63,10 @@ def format_cell(value) -> str:
     return str(value)
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence], *, out=sys.stdout,
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence], *, out=None,
                 left_columns: Sequence[int] = (0,)) -> None:
     """A plain-text table: the `left_columns` (names, free text) left-aligned, the others (figures) right-aligned."""
+    out = out if out is not None else sys.stdout  # looked up per call: redirections made after import apply
     cells = [[str(h) for h in header]] + [[format_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
@@ -139,10 +140,10 @@ def _without_nan(value):
 class Progress:
     """Progress lines on stderr during a long phase, at most one every `every_s` seconds (plus forced ones)."""
 
-    def __init__(self, phase: str, every_s: float = 5.0, out=sys.stderr) -> None:
+    def __init__(self, phase: str, every_s: float = 5.0, out=None) -> None:
         self.phase = phase
         self.every_s = every_s
-        self.out = out
+        self.out = out if out is not None else sys.stderr
         self.started = time.monotonic()
         self._last = -math.inf
 

@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable (
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _load_figures as figures
+from benchmarks._actor_probe import ActorProbe
 from benchmarks._load_client import StreamSpec, run_closed_loop, run_streams
 from benchmarks._processes import CpuMeter, MemorySampler, rss_source
 from benchmarks._report import Progress, command_line, machine_info, write_json
@@ -68,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "longer: cut mid-decode)")
     parser.add_argument("--deadline-max-tokens", type=int, default=900,
                         help="max_tokens of the deadline requests (long enough to outlive every deadline)")
-    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
-                        help="how long the tiers may take to be idle with full KV pools after a phase")
+    parser.add_argument("--drain-timeout-s", type=float, default=10.0,
+                        help="how long the tiers may take to be idle with full KV pools after a phase; shorter than "
+                             "kv_transfer.lease_s, so a reservation freed only by its lease expiring fails the check")
     parser.add_argument("--progress-s", type=float, default=5.0, help="seconds between progress lines")
     parser.add_argument("--out", default="out/benchmarks", help="folder for load.json")
     args = parser.parse_args(argv)
@@ -219,37 +221,55 @@ def run_phases(cluster, clients, args, document: dict) -> list[str]:
         document["cpu"]["idle"] = meter.stop()
 
     print(f"load: baseline: {args.baseline_requests} requests one at a time", file=sys.stderr, flush=True)
+    actors = {h.replica_id: h.actor for tier in ("prefill", "decode") for h in cluster.deployment.replicas(tier)}
+    document["replica_answer_ms"] = {}
     meter = CpuMeter(cpu_targets).start()
-    baseline = clients.submit(run_closed_loop, address, stream_spec, concurrency=1, num_requests=args.baseline_requests,
-                              timeout_s=120.0, phase="baseline").result()
+    with ActorProbe(actors) as probe:
+        baseline = clients.submit(run_closed_loop, address, stream_spec, concurrency=1,
+                                  num_requests=args.baseline_requests, timeout_s=120.0, phase="baseline").result()
     document["cpu"]["baseline"] = meter.stop()
+    document["replica_answer_ms"]["baseline"] = probe.summary()
     document["baseline"] = figures.phase_figures(baseline)
 
     print(f"load: phase 1: {args.streams} concurrent streams", file=sys.stderr, flush=True)
     document["load_average_before_streams"] = os.getloadavg()
     meter = CpuMeter(cpu_targets).start()
-    streams = clients.submit(run_streams, address, stream_spec, args.streams, timeout_s=args.stream_timeout_s,
-                             progress_every_s=args.progress_s).result()
+    with ActorProbe(actors) as probe:
+        streams = clients.submit(run_streams, address, stream_spec, args.streams, timeout_s=args.stream_timeout_s,
+                                 progress_every_s=args.progress_s).result()
     document["cpu"]["streams"] = meter.stop()
+    document["replica_answer_ms"]["streams"] = probe.summary()
     document["memory_mib"]["after_streams"] = MemorySampler({**memory_pids, **daemons}).sample()
     document["streams"] = figures.phase_figures(streams, num_expected=args.streams)
     document["streams"]["idle_after"] = wait_until_idle(cluster, args.drain_timeout_s)
 
     document["deadlines"] = []
+    lease_s = cluster.config.kv_transfer.lease_s
     for deadline_s in args.deadlines_s:
+        # Each batch starts from a full pool, so what it leaves behind is its own: a reservation that only its
+        # lease frees (a leak the previous batch's check reported) is waited out here, and the wait is recorded.
+        idle_before = wait_until_idle(cluster, lease_s + args.drain_timeout_s)
         print(f"load: phase 2: {args.deadline_requests} streams of {args.deadline_max_tokens} tokens with a "
               f"{deadline_s:g} s deadline", file=sys.stderr, flush=True)
         batch = clients.submit(run_streams, address, deadline_spec, args.deadline_requests, timeout_s=deadline_s,
                                progress_every_s=args.progress_s, phase=f"deadline {deadline_s:g}s").result()
-        document["deadlines"].append(figures.deadline_figures(batch, deadline_s,
-                                                              wait_until_idle(cluster, args.drain_timeout_s)))
+        document["deadlines"].append({**figures.deadline_figures(batch, deadline_s,
+                                                                 wait_until_idle(cluster, args.drain_timeout_s)),
+                                      "idle_before": idle_before})
+    if document["deadlines"]:  # each batch's leftovers (if any) are gone by the next batch's start, or by this
+        waits = [batch["idle_before"] for batch in document["deadlines"][1:]]
+        waits.append(wait_until_idle(cluster, lease_s + args.drain_timeout_s))
+        for batch, wait in zip(document["deadlines"], waits):
+            batch["idle_eventually"] = wait
 
     if args.soak_s > 0:
         print(f"load: phase 3: soak for {args.soak_s:.0f} s at {args.soak_concurrency} concurrent streams, "
               f"RSS every {args.sample_s:g} s", file=sys.stderr, flush=True)
         meter = CpuMeter(cpu_targets).start()
-        soak, sampler = run_soak(cluster, clients, stream_spec, args, {**memory_pids, **daemons})
+        with ActorProbe(actors) as probe:
+            soak, sampler = run_soak(cluster, clients, stream_spec, args, {**memory_pids, **daemons})
         document["cpu"]["soak"] = meter.stop()
+        document["replica_answer_ms"]["soak"] = probe.summary()
         document["soak"] = {**figures.phase_figures(soak), "growth_limit_mib_per_min": args.growth_limit_mib_per_min,
                             "memory": sampler.summary(args.growth_limit_mib_per_min),
                             "memory_series": sampler.series(),
@@ -266,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load: {key}: {before} -> {after}", file=sys.stderr)
     print(f"load: longest prompt {sizing['prompt_tokens_max']} tokens; KV blocks needed per phase "
           f"{sizing['kv_blocks_needed']}", file=sys.stderr, flush=True)
+    if args.drain_timeout_s >= config.kv_transfer.lease_s:
+        print(f"load: --drain-timeout-s must be under kv_transfer.lease_s ({config.kv_transfer.lease_s:g} s), or a "
+              "reservation that only its lease frees would pass the checks", file=sys.stderr)
+        return 2
     if config.ray.address is None:
         # A fresh local Ray, never another session's: with no address, ray.init() joins the newest cluster it
         # finds on this machine (and then refuses the num_cpus the deployment passes).

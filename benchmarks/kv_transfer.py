@@ -111,6 +111,10 @@ def measure_throughput(decode: Side, prefill: Side, args, shape: dict) -> list[d
                 row = {"transport": transport, "table": table_kind, "num_tokens": num_tokens,
                        "num_chunks_per_layer": _num_runs(table), "num_bytes": num_bytes}
                 previous = rates.get((transport, table_kind))
+                if time.monotonic() > args.deadline:
+                    row["skipped"] = "out of time (--time-limit-s)"
+                    rows.append(row)
+                    continue
                 if previous and num_bytes / (previous * 1e9) > args.max_transfer_s:
                     row["skipped"] = (f"at {previous:.2f} GB/s one transfer would take "
                                       f"{num_bytes / (previous * 1e9):.0f} s (> --max-transfer-s)")
@@ -170,6 +174,9 @@ def _throughput_runs(decode: Side, prefill: Side, args, transport: str, table: l
 def measure_ttft(decode: Side, prefill: Side, args, model_info: dict) -> list[dict]:
     rows = []
     for num_tokens in args.ttft_tokens:
+        if time.monotonic() > args.deadline:
+            rows.append({"num_tokens": num_tokens, "skipped": "out of time (--time-limit-s)"})
+            continue
         num_blocks = -(-num_tokens // args.block_size)
         table = list(range(num_blocks))
         colocated = [prefill.call("prefill_colocated", num_tokens=num_tokens, seed=num_tokens)
@@ -230,8 +237,11 @@ def parse_args(argv=None):
     parser.add_argument("--lease-s", type=float, default=60.0)
     parser.add_argument("--skip-ttft", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--time-limit-s", type=float, default=float("inf"),
+                        help="start no new configuration after this many seconds (the tables keep what ran)")
     parser.add_argument("--out", default="out/benchmarks/kv_transfer.json")
     args = parser.parse_args(argv)
+    args.deadline = time.monotonic() + args.time_limit_s
     if args.dry_run:
         args.throughput_tokens = [t // 64 for t in args.throughput_tokens]
         args.ttft_tokens = [t // 64 for t in args.ttft_tokens]
@@ -314,6 +324,8 @@ def _phase(name: str, errors: dict[str, str]):
 
 def report(document: dict, args) -> None:
     ceiling = document.get("copy_ceiling_gbps", {}).get("measured", float("nan"))
+    if "model" in document:
+        print(f"\nmodel: {document['model']}")
     if "throughput" in document:
         rows = []
         for r in document["throughput"]:
@@ -332,7 +344,7 @@ def report(document: dict, args) -> None:
             header += [f"{t} ms", f"{t} +%", f"{t} tail ms"]
         rows = []
         for r in document["ttft"]:
-            row = [r["num_tokens"], r["colocated_ttft_s"] * 1e3]
+            row = [r["num_tokens"], r.get("colocated_ttft_s", float("nan")) * 1e3]
             for t in args.transports:
                 row += [r.get(f"{t}_ttft_s", float("nan")) * 1e3, 100 * r.get(f"{t}_overhead", float("nan")),
                         r.get(f"{t}_landed_after_token_s", float("nan")) * 1e3]

@@ -22,6 +22,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from mesh.parallel import MeshShape, ParallelDims
@@ -70,8 +71,10 @@ class RankGroup:
         self._control = control
 
     @classmethod
-    def join(cls, rendezvous: Rendezvous, rank: int, *, store: dist.TCPStore | None = None) -> RankGroup:
-        """Blocks until every rank joined. `store`: rank 0's own store from `open_rendezvous`."""
+    def join(cls, rendezvous: Rendezvous, rank: int, *, store: dist.TCPStore | None = None,
+             device: Any = None) -> RankGroup:
+        """Blocks until every rank joined. `store`: rank 0's own store from `open_rendezvous`. `device`: this rank's
+        CUDA device with NCCL (binds the communicator to it), None on CPU."""
         if not 0 <= rank < rendezvous.world_size:
             raise ValueError(f"rank {rank} is outside the world of {rendezvous.world_size} ranks")
         if dist.is_initialized():
@@ -79,8 +82,9 @@ class RankGroup:
         timeout = datetime.timedelta(seconds=rendezvous.timeout_s)
         if store is None:
             store = dist.TCPStore(rendezvous.host, rendezvous.port, rendezvous.world_size, False, timeout=timeout)
+        bind = {"device_id": torch.device(device)} if device is not None and rendezvous.backend == "nccl" else {}
         dist.init_process_group(rendezvous.backend, store=store, rank=rank, world_size=rendezvous.world_size,
-                                timeout=timeout)
+                                timeout=timeout, **bind)
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=rendezvous.idle_timeout_s))
         return cls(rank, rendezvous.world_size, control)
 
@@ -109,8 +113,8 @@ class RankGroup:
                 pass
 
 
-def join_mesh(rendezvous: Rendezvous | None, rank: int, shape: MeshShape, *,
-              store: dist.TCPStore | None = None) -> tuple[RankGroup | None, ParallelDims]:
+def join_mesh(rendezvous: Rendezvous | None, rank: int, shape: MeshShape, *, store: dist.TCPStore | None = None,
+              device: Any = None) -> tuple[RankGroup | None, ParallelDims]:
     """Join the replica's world and build this rank's `ParallelDims` (both collective, in the same order on every
     rank). A one-rank mesh needs no rendezvous and touches no torch.distributed: (None, ParallelDims.single())."""
     if shape.world_size == 1:
@@ -118,5 +122,5 @@ def join_mesh(rendezvous: Rendezvous | None, rank: int, shape: MeshShape, *,
     if rendezvous is None or rendezvous.world_size != shape.world_size:
         raise ValueError(f"a {shape.world_size}-rank mesh {shape} needs a rendezvous for {shape.world_size} ranks, "
                          f"got {rendezvous}")
-    group = RankGroup.join(rendezvous, rank, store=store)
+    group = RankGroup.join(rendezvous, rank, store=store, device=device)
     return group, ParallelDims(shape, rank)

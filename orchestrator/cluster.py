@@ -270,7 +270,9 @@ class ClusterBackend:
                     "id": handle.replica_id,
                     "state": state,
                     "node": handle.node_ip,
-                    "accelerator": str(section.resources.get("accelerator_type") or
+                    # the accelerator of the node it actually landed on; else what the tier asks for
+                    "accelerator": str(getattr(handle, "accelerator", "") or
+                                       section.resources.get("accelerator_type") or
                                        ("GPU" if section.resources.get("num_gpus") else "CPU")),
                     "mesh": _mesh_status(handle.section or section),
                     "load": {"num_queued": int(stat.get("num_queued", stat.get("num_waiting_kv", 0))),

@@ -80,6 +80,7 @@ class TierSection:
     block_size: int = 16
     max_num_seqs: int = 64
     max_restarts: int = 3  # Ray restarts a dead replica this many times
+    placement: str = "pack"  # a replica's ranks on one node ("pack", the default) or across nodes ("spread")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,7 @@ class KVTransferSection:
 class RaySection:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: int | None = None  # logical CPUs of the local instance (None: enough for the tiers)
+    placement_timeout_s: float | None = None  # how long a replica may wait for room (None: 60 s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,7 +243,7 @@ def _parse_logging(raw: dict) -> LoggingSection:
 def _parse_tier(raw: dict, name: str) -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
-               "num_kv_blocks", "block_size", "max_num_seqs", "max_restarts")
+               "num_kv_blocks", "block_size", "max_num_seqs", "max_restarts", "placement")
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -263,6 +265,7 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
         block_size=_int(raw, "block_size", p, 16, minimum=1),
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
         max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),
+        placement=_str(raw, "placement", p, "pack", ("pack", "spread")),
     )
     return tier
 
@@ -356,10 +359,12 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     )
 
     ray_raw = _section(raw, "ray")
-    _reject_unknown(ray_raw, ("address", "num_cpus"), "ray.")
+    _reject_unknown(ray_raw, ("address", "num_cpus", "placement_timeout_s"), "ray.")
     ray_section = RaySection(
         address=_str(ray_raw, "address", "ray.", None),
         num_cpus=_int(ray_raw, "num_cpus", "ray.", None, minimum=1),
+        placement_timeout_s=(_float(ray_raw, "placement_timeout_s", "ray.", 60.0)
+                             if ray_raw.get("placement_timeout_s") is not None else None),
     )
 
     config = ClusterConfig(

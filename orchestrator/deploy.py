@@ -45,6 +45,8 @@ class ReplicaHandle:
     section: TierSection | None = None  # the tier settings this replica was started with
     info: dict = field(default_factory=dict)  # what start() returned (kv address, block counts, ...)
     node_ip: str = ""
+    node_id: str = ""  # the node rank 0's bundle landed on
+    accelerator: str = ""  # that node's accelerator type (its `accelerator_type:*` resource), "" if none
     state: str = "starting"  # starting -> ready -> draining -> removed (or dead)
     workers: list = field(default_factory=list)  # ranks 1..world-1 (actor handles), driven by rank 0
 
@@ -163,12 +165,18 @@ class Deployment:
         for section in sections:
             validate_mesh(section, self.config.model.path)
         handles = []
+        counts = {t: sum(1 for s in sections if s.name == t) for t in ("prefill", "decode")}
+        print("pdcluster: placing " + ", ".join(f"{n} {t} replica{'s' if n > 1 else ''}" for t, n in counts.items()
+                                                if n) + " ...", file=out, flush=True)
         for section in sections:
             handle = self._place(section)
             handle.section = section
             self.replicas(section.name).append(handle)
             handles.append(handle)
         refs = {h.replica_id: self._start_actor(h.section, h) for h in handles}
+        print(f"pdcluster: starting {len(handles)} replica(s) ({sum(h.section.mesh.world_size for h in handles)} "
+              "rank actors; each loads its shard of the weights) ...", file=out, flush=True)
+        started = time.monotonic()
         deadline = time.monotonic() + START_TIMEOUT_S
         for handle in handles:
             try:
@@ -181,7 +189,7 @@ class Deployment:
                 raise DeploymentError(f"{handle.replica_id} failed to start: {exc.cause}") from None
             handle.state = "ready"
             handle.node_ip = handle.info.get("node_ip", "")
-            print(f"pdcluster: {handle.replica_id} ready", file=out, flush=True)
+            print(f"pdcluster: {handle.replica_id} ready ({time.monotonic() - started:.1f} s)", file=out, flush=True)
         return handles
 
     def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
@@ -192,9 +200,11 @@ class Deployment:
         self._counters[tier.name] += 1
         replica_id = f"{tier.name}-{index}"
         bundle = _bundle(tier.resources)
-        pg = placement_group([dict(bundle) for _ in range(tier.mesh.world_size)], strategy="PACK",
+        timeout_s = self.config.ray.placement_timeout_s or PLACEMENT_TIMEOUT_S
+        strategy = "SPREAD" if tier.placement == "spread" else "PACK"
+        pg = placement_group([dict(bundle) for _ in range(tier.mesh.world_size)], strategy=strategy,
                              name=f"pdcluster-{replica_id}-{self.token[:6]}")
-        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
             available = ray.available_resources()
@@ -202,9 +212,11 @@ class Deployment:
                        for k, v in bundle.items() if available.get(k, 0) < v * tier.mesh.world_size]
             raise DeploymentError(
                 f"cannot place {replica_id}: no node offers {tier.name}.resources "
-                f"{tier.resources} within {PLACEMENT_TIMEOUT_S:.0f} s; missing: "
+                f"{tier.resources} within {timeout_s:.0f} s; missing: "
                 f"{', '.join(missing) or 'resources are busy with other work'}")
-        return ReplicaHandle(replica_id=replica_id, tier=tier.name, actor=None, placement_group=pg)
+        handle = ReplicaHandle(replica_id=replica_id, tier=tier.name, actor=None, placement_group=pg)
+        handle.node_id, handle.accelerator = _placed_on(pg)
+        return handle
 
     def _start_actor(self, tier: TierSection, handle: ReplicaHandle):
         """One actor per rank, rank r on bundle r of the replica's placement group; rank 0 gets the others'
@@ -256,6 +268,17 @@ class Deployment:
         for handle in self.prefill + self.decode:
             _kill(handle)
         self.prefill, self.decode = [], []
+
+
+def _placed_on(pg: PlacementGroup) -> tuple[str, str]:
+    """(node id, accelerator type) of the node that holds the placement group's first bundle (rank 0)."""
+    try:
+        node_id = ray.util.placement_group_table(pg)["bundles_to_node_id"][0]
+        node = next(n for n in ray.nodes() if n.get("NodeID") == node_id)
+        accelerators = [k.split(":", 1)[1] for k in node.get("Resources", {}) if k.startswith("accelerator_type:")]
+        return node_id, ",".join(sorted(accelerators))
+    except Exception:  # informational only: never fail a deployment over it
+        return "", ""
 
 
 def _kill(handle: ReplicaHandle) -> None:

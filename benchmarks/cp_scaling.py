@@ -17,6 +17,7 @@ the prefill tier does. Each rank of a mesh times the same forward; a row reports
 - Partial prefill on CP2: a persistent cache of --cache-tokens tokens in a RoundRobinKVStore (random K/V rows,
   restored before every run), then --new-fractions of that many new tokens, each with pass-KV and pass-Q, plus
   the mode `cp_mode: auto` picks from the measured attention rate and GPU-to-GPU bandwidth.
+--configs picks the phases (CP1, CP2, TP2, partial); efficiency rows need CP1 in the same run.
 
 FLOPs (MFU = FLOPs / (time * GPUs * 790e12), the bf16 rate measured on this machine kind):
   linear = 2 * P_linear * N, P_linear = the q/k/v/o and MLP weights of all layers (embedding lookup is no
@@ -58,6 +59,7 @@ from mesh.round_robin_kv import RoundRobinKVStore  # noqa: E402
 
 PEAK_FLOPS = 790e12  # bf16 matrix rate measured on an H200 of this workplace (the brief's ceiling)
 CACHE_KEY = "cached-prompt"
+PHASES = ("CP1", "CP2", "TP2", "partial")
 # The dry run's model: the 8B preset's structure (GQA 4:1, SwiGLU) at a size two CPU cores run in seconds.
 DRY_RUN_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
                  "num_key_value_heads": 2, "vocab_size": 512, "bos_token_id": 256, "eos_token_id": 257}
@@ -76,8 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs below 64K tokens (one above)")
     parser.add_argument("--time-budget-s", type=float, default=300.0,
                         help="skip what would not finish in this many seconds from the start")
+    parser.add_argument("--configs", default="CP1,CP2,TP2,partial", help="which phases run, in this order")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Gloo, tiny model (checks the script)")
     args = parser.parse_args(argv)
+    unknown = set(args.configs.split(",")) - set(PHASES)
+    if unknown:
+        parser.error(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     if args.dry_run:
         args.tokens = [t for t in args.tokens if t <= 512] or [192, 512]
         args.cache_tokens = min(args.cache_tokens, 512)
@@ -275,12 +281,14 @@ def sdpa_scope(backend: str, device: torch.device):
 
 def worker(rank: int, args: argparse.Namespace, port: int, start_time: float) -> None:
     me = Rank(rank, args, start_time)
+    # Two ranks share the host: split its cores instead of letting both run a thread per core (oversubscribed
+    # intra-op threads make the host-side planning of the CP steps slow).
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     if me.device.type == "cuda":
         torch.cuda.set_device(me.device)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                                 device_id=me.device)
     else:
-        torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         overrides = DRY_RUN_SHAPE if args.dry_run else {}
@@ -309,10 +317,12 @@ def worker(rank: int, args: argparse.Namespace, port: int, start_time: float) ->
         me.document["cp_rates"] = {"attention_flops": attention_rate, "p2p_bytes_per_s": bandwidth}
         me.save()
         scope = sdpa_scope(backend, me.device)
-        run_prefill_phase(me, config, "CP1", None, cp_rates, scope)
-        run_prefill_phase(me, config, "CP2 pass-kv", MeshShape(cp=2), cp_rates, scope)
-        run_prefill_phase(me, config, "TP2", MeshShape(tp=2), cp_rates, scope)
-        run_partial_phase(me, config, cp_rates)
+        phases = {"CP1": lambda: run_prefill_phase(me, config, "CP1", None, cp_rates, scope),
+                  "CP2": lambda: run_prefill_phase(me, config, "CP2 pass-kv", MeshShape(cp=2), cp_rates, scope),
+                  "TP2": lambda: run_prefill_phase(me, config, "TP2", MeshShape(tp=2), cp_rates, scope),
+                  "partial": lambda: run_partial_phase(me, config, cp_rates)}
+        for name in args.configs.split(","):
+            phases[name]()
         me.document["parallel_efficiency"] = [{"config": label, "tokens": tokens, "efficiency": value}
                                               for label, tokens, value in efficiency_rows(me.document["prefill"])]
         me.document["wall_s"] = time.time() - start_time

@@ -32,6 +32,7 @@ where it plans its kernel calls without waiting for the GPU.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -194,7 +195,22 @@ def _merge_many(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
 def _key_metadata(plan: CPShardPlan, rank: int, num_cached_rows: int,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence ids and positions of the key rows rank `rank` contributes: its new-token shard, then its cached
-    rows, then PADDING rows up to `num_cached_rows` cached slots."""
+    rows, then PADDING rows up to `num_cached_rows` cached slots. Built once per (plan, rank, rows, device) and
+    reused by every layer of the step: the same tensors each time, so a block attention can cache what it
+    derives from them, and no layer pays the host work (or copy) again."""
+    per_plan = _KEY_METADATA.setdefault(plan, {})
+    key = (rank, num_cached_rows, str(device))
+    if key not in per_plan:
+        per_plan[key] = _build_key_metadata(plan, rank, num_cached_rows, device)
+    return per_plan[key]
+
+
+# plan -> {(rank, rows, device): (seq ids, positions)}; entries go when the step's plan is garbage-collected.
+_KEY_METADATA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _build_key_metadata(plan: CPShardPlan, rank: int, num_cached_rows: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     num_pad = num_cached_rows - plan.cached_seq_ids[rank].numel()
     pad = torch.full((num_pad,), PADDING, dtype=torch.long)
     seq = torch.cat([plan.seq_ids[rank], plan.cached_seq_ids[rank], pad])

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mesh.cp_sharding import PADDING, shard, shard_cache, shard_plan, unshard
-from mesh.flash_block_attention import (BACKENDS, FlashBlockAttention, select_block_attention,
-                                        set_default_backend)
+from mesh.flash_block_attention import (BACKENDS, FlashBlockAttention, _cached_block_plan,
+                                        select_block_attention, set_default_backend)
 from mesh.ring_attention import _key_metadata, masked_block_attention, ring_attention
 from tests.mesh.test_cp_ring_attention import _free_port, reference_attention
 
@@ -110,6 +110,20 @@ def test_diagonal_inside_a_query_run_splits_rows_before_on_and_after_it():
     assert_same_attention(FlashBlockAttention(backend="math")(q, k, v, q_seq, q_pos, kv_seq, kv_pos, 0.3),
                           masked_block_attention(q, k, v, q_seq, q_pos, kv_seq, kv_pos, 0.3), atol=1e-10,
                           where="diagonal inside")
+
+
+def test_a_step_plans_each_block_once_and_an_in_place_change_replans():
+    plan = shard_plan([40], 2, context_lens=[9])
+    kv_seq, kv_pos = _key_metadata(plan, 1, plan.max_cached_local, torch.device("cpu"))
+    assert _key_metadata(plan, 1, plan.max_cached_local, torch.device("cpu"))[0] is kv_seq  # every layer
+    metadata = (plan.seq_ids[0], plan.positions[0], kv_seq, kv_pos)
+    first = _cached_block_plan(*metadata, 8)
+    assert _cached_block_plan(*metadata, 8) is first
+    q, k, v = random_qkv(torch.Generator().manual_seed(3), plan.num_local_tokens, kv_seq.numel(), 4, 2, 8)
+    kv_pos.add_(0)  # an in-place write: the cached plan must not be trusted any more
+    assert _cached_block_plan(*metadata, 8) is not first
+    assert_same_attention(FlashBlockAttention(backend="math")(q, k, v, *metadata, 0.3),
+                          masked_block_attention(q, k, v, *metadata, 0.3), atol=1e-10, where="replanned")
 
 
 def test_lower_right_causal_call_needs_enough_keys():

@@ -145,3 +145,18 @@ def test_bad_mesh_fails_at_deploy_naming_the_key(llama):
     with pytest.raises(ConfigError) as error:
         Deployment.start(_config(model_dir, {"pp": 5}, {"tp": 1}))
     assert error.value.key == "prefill.mesh.pp"
+
+
+def test_unequal_meshes_over_the_nccl_transport(ray_local, llama):
+    """The same path with kv_transfer.backend: nccl (torch.distributed point-to-point; Gloo on CPU hosts):
+    prefill cp2 -> decode tp2, so KV is resharded (token rows and heads) across the second transport too."""
+    model_dir, prompts, expected = llama
+    config = _config(model_dir, {"cp": 2}, {"tp": 2})
+    config = dataclasses.replace(config, kv_transfer=dataclasses.replace(config.kv_transfer, backend="nccl"))
+    with RunningCluster(config) as cluster:
+        with Client(cluster.address) as client:
+            outputs = [[t for c in client.generate(token_ids=p, max_tokens=MAX_NEW_TOKENS) for t in c.token_ids]
+                       for p in prompts]
+            assert outputs == expected
+            last = list(client.generate(token_ids=prompts[1], max_tokens=3, ignore_eos=True))[-1]
+            assert last.timings["kv_bytes"] > 0

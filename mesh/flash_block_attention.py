@@ -46,6 +46,10 @@ import torch
 from mesh.cp_sharding import PADDING
 
 BACKENDS = ("flash", "cudnn", "efficient", "math")
+# Chosen by measurement (benchmarks/cp_scaling.py, H200, torch 2.11, bf16, 32/8 heads, head_dim 128, 16K causal
+# block): cudnn 601-608 TFLOP/s, flash 331-342, efficient 166-167. cuDNN's fused attention is Hopper-tuned; older
+# GPUs keep FlashAttention-2, which was not measured against it here.
+HOPPER_BACKEND = "cudnn"
 DEFAULT_CUDA_BACKEND = "flash"
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
 _forced_backend: str | None = None
@@ -63,13 +67,15 @@ def set_default_backend(backend: str | None) -> None:
 
 def select_block_attention(q: torch.Tensor):
     """The block attention ring_attention uses for query blocks like `q` when the caller passes none: the forced
-    backend if any, else FlashBlockAttention(DEFAULT_CUDA_BACKEND) for CUDA bf16/fp16 with a head_dim the fused
-    kernels take (multiple of 8, at most 256), else mesh.ring_attention.masked_block_attention (CPU, float32/64)."""
+    backend if any, else for CUDA bf16/fp16 with a head_dim the fused kernels take (multiple of 8, at most 256)
+    FlashBlockAttention with HOPPER_BACKEND on compute capability 9.x and DEFAULT_CUDA_BACKEND on other GPUs,
+    else mesh.ring_attention.masked_block_attention (CPU, float32/64)."""
     if _forced_backend is not None:
         return FlashBlockAttention(backend=_forced_backend)
     head_dim = q.shape[-1]
     if q.is_cuda and q.dtype in _FUSED_DTYPES and head_dim % 8 == 0 and head_dim <= 256:
-        return FlashBlockAttention(backend=DEFAULT_CUDA_BACKEND)
+        is_hopper = torch.cuda.get_device_capability(q.device)[0] == 9
+        return FlashBlockAttention(backend=HOPPER_BACKEND if is_hopper else DEFAULT_CUDA_BACKEND)
     from mesh.ring_attention import masked_block_attention  # ring_attention imports this module lazily: no cycle
 
     return masked_block_attention

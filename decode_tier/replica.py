@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import time
@@ -29,11 +30,13 @@ import torch
 
 from decode_tier.block_pool import OutOfBlocks
 from decode_tier.engine import DecodeEngine
-from decode_tier.rank_worker import MeshStepPeers, join_and_load, node_host
+from decode_tier.kv_sizing import KVCacheSize
+from decode_tier.rank_worker import CacheSettings, MeshStepPeers, actor_device, join_and_load, node_host
 from kv_transfer.mesh_layout import PrefillLayout
 from kv_transfer.mesh_session import MeshReservation, RankKVReceiver
 from kv_transfer.transport import TransferStats, get_transport
 from mesh.parallel import MeshShape
+from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
 from mesh.sampling import SamplingParams
 
@@ -53,17 +56,24 @@ class _Pending:
 class DecodeReplica:
     """Rank 0 of a decode replica (the whole replica when its mesh has one rank). `mesh`: this tier's degrees
     (pp, tp); `prefill_mesh`: the prefill tier's (pp, cp, tp), which the ranks post their receives for unless a
-    reservation names another; `workers`: the actor handles of ranks 1..world-1, in rank order."""
+    reservation names another; `workers`: the actor handles of ranks 1..world-1, in rank order. `use_gpu`: the
+    tier asks for num_gpus: every rank computes on its own GPU, the model's collectives use NCCL. `num_kv_blocks`
+    None: sized at start-up from the device (decode_tier/kv_sizing.py: `gpu_memory_fraction` on GPU)."""
 
-    def __init__(self, *, replica_id: str, model_path: str, dtype: str, num_kv_blocks: int, block_size: int,
+    def __init__(self, *, replica_id: str, model_path: str, dtype: str, num_kv_blocks: int | None, block_size: int,
                  max_num_seqs: int, kv_backend: str, kv_token: str, lease_s: float, num_threads: int = 1,
                  checksum: bool = False, mesh: MeshShape | None = None, prefill_mesh: MeshShape | None = None,
-                 workers: Sequence = ()):
+                 workers: Sequence = (), use_gpu: bool = False, gpu_memory_fraction: float = 0.9):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self._model_path = model_path
         self._dtype = dtype
-        self._num_kv_blocks = num_kv_blocks
+        self._cache_settings = CacheSettings(num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
+                                             block_size=block_size, max_num_seqs=max_num_seqs)
+        self._use_gpu = use_gpu
+        self._device = torch.device("cpu")
+        self._device_id = "cpu"
+        self._cache_size: KVCacheSize | None = None
         self._block_size = block_size
         self._max_num_seqs = max_num_seqs
         self._kv_backend = kv_backend
@@ -99,17 +109,22 @@ class DecodeReplica:
             self._loop_task = asyncio.create_task(self._engine_loop())
             self._started = True
         return {"replica_id": self.replica_id, "kv_address": self._kv_address, "kv_addresses": self._kv_addresses,
-                "node_ip": node_host(), **self.stats()}
+                "node_ip": node_host(), "kv_cache": self._cache_size.description, **self.stats()}
 
     async def _bring_up(self):
         loop = asyncio.get_running_loop()
+        self._device = actor_device(self._use_gpu)
+        self._device_id = device_identity(self._device)
+        bind_thread(self._device)  # the event loop packs, scatters and records events for the transport
         rendezvous = store = None
         worker_starts = []
         if self._workers:
-            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size)
+            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size,
+                                                backend=collective_backend(self._device))
             worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
-        joining = loop.run_in_executor(self._executor, join_and_load, self._model_path, self._dtype, self._shape, 0,
-                                       rendezvous, self._block_size, store)
+        joining = loop.run_in_executor(self._executor, functools.partial(
+            join_and_load, self._model_path, self._dtype, self._shape, 0, rendezvous, self._cache_settings, store,
+            device=self._device))
         # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
         done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -117,9 +132,12 @@ class DecodeReplica:
                 raise RuntimeError(f"{self.replica_id}: bringing up the mesh {self._shape} failed: "
                                    f"{task.exception()}") from task.exception()
         worker_infos = await asyncio.gather(*worker_starts)
-        group, model, layout = await joining
+        group, model, layout, self._cache_size = await joining
+        # The start-up report: which device, and how many blocks and why (kv_sizing's precedence).
+        log.info("decode replica %s (%d rank(s)) on %s, %s: %s", self.replica_id, self._shape.world_size,
+                 self._device, self._dtype, self._cache_size.description)
         peers = MeshStepPeers(group, self._shape) if group is not None else None
-        engine = DecodeEngine(model, num_blocks=self._num_kv_blocks, block_size=self._block_size,
+        engine = DecodeEngine(model, num_blocks=self._cache_size.num_blocks, block_size=self._block_size,
                               max_num_seqs=self._max_num_seqs, peers=peers)
         return engine, layout, worker_infos
 
@@ -155,6 +173,8 @@ class DecodeReplica:
                                dtype=str(first.dtype).removeprefix("torch."), targets=tuple(targets),
                                has_checksum=self._checksum)
         task = asyncio.create_task(self._await_kv(request_id))
+        # A lease that expires while nobody awaits the task is handled inside _await_kv; mark it retrieved.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         self._pending[request_id] = _Pending(kv_task=task, reserved_at=time.monotonic())
         return info
 
@@ -247,6 +267,10 @@ class DecodeReplica:
             "num_running": self._engine.num_running,
             "num_waiting_kv": len(self._pending),
             "num_steps": self._num_steps,
+            "device": str(self._device),
+            "device_id": self._device_id,  # the GPU's UUID: tells apart GPUs that every actor calls cuda:0
+            "num_kv_blocks": self._cache_size.num_blocks,
+            "kv_blocks_source": self._cache_size.source,
         }
 
     async def get_stats(self) -> dict:

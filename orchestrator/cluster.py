@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -68,8 +69,15 @@ class ClusterBackend:
         for handle in self._policy.order(candidates, self._load):
             try:
                 # The decode ranks post their receives for the mesh of the prefill replica that will push.
-                info = await handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
-                                                         prefill_mesh=_mesh_of(prefill))
+                ref = handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
+                                                  prefill_mesh=_mesh_of(prefill))
+                try:
+                    info = await ref
+                except asyncio.CancelledError:
+                    # The client left (or its deadline passed) while the reservation was being made: it may
+                    # still succeed on the replica, so release it as soon as it exists instead of at lease end.
+                    _release_when_reserved(handle, spec.request_id, ref)
+                    raise
                 used = len(info.block_ids)
                 handle.info["num_free_blocks"] = max(0, handle.info.get("num_free_blocks", 0) - used)
                 return handle, info
@@ -215,37 +223,59 @@ class ClusterBackend:
     async def _check_replicas(self, handles: list[ReplicaHandle]) -> None:
         """After a failed attempt: replicas that do not answer a ping leave rotation until the health loop sees
         them back (Ray restarts a dead actor up to the tier's max_restarts)."""
-        for handle, alive in zip(handles, await asyncio.gather(*(_ping(h) for h in handles))):
-            if not alive and handle.state == "ready":
-                handle.state = "dead"
-                handle.info["failures"] = handle.info.get("failures", 0) + 1
-                log.warning("replica %s stopped answering; out of rotation", handle.replica_id)
+        # A failed attempt is evidence: unless the replica answers at once from the same process, it leaves
+        # rotation (the health loop brings it back when it answers again, restarted or not).
+        for handle, (verdict, pid) in zip(handles, await asyncio.gather(*(_probe(h) for h in handles))):
+            same_process = verdict == "alive" and pid == handle.info.get("pid", pid)
+            if handle.state == "ready" and not same_process:
+                self._take_out(handle, "failed a request")
 
     async def health_loop(self, interval_s: float = 1.0) -> None:
-        """Runs for the router's lifetime: pings every replica; a ready replica that stops answering leaves
-        rotation; a dead one that answers again (restarted by Ray) is started again (its KV server gets a new
-        address) and comes back into rotation."""
+        """Runs for the router's lifetime. Each second every replica is probed:
+          - its process is gone (the call fails): out of rotation at once;
+          - it is alive but slow to answer (busy under a burst): it stays in rotation unless it has been slow for
+            longer than router.replica_timeout_s;
+          - it answers again after being out: if its process changed (Ray restarted it), it is started again (its
+            KV server gets a new address) and counted as a restart; either way it comes back into rotation."""
         while True:
             handles = [h for tier in ("prefill", "decode") for h in self.deployment.replicas(tier)
                        if h.state in ("ready", "dead")]
-            alive = await asyncio.gather(*(_ping(h) for h in handles))
-            for handle, is_alive in zip(handles, alive):
-                if handle.state == "ready" and not is_alive:
-                    handle.state = "dead"
-                    handle.info["failures"] = handle.info.get("failures", 0) + 1
-                    log.warning("replica %s failed its health check; out of rotation", handle.replica_id)
-                elif handle.state == "dead" and is_alive:
-                    try:
-                        info = await asyncio.wait_for(handle.actor.start.remote(), 60)
-                    except Exception as exc:
-                        log.warning("replica %s answers but did not start: %s", handle.replica_id, _cause(exc))
-                        continue
-                    handle.info.update(info)
-                    handle.info["restarts"] = handle.info.get("restarts", 0) + 1
-                    handle.state = "ready"
-                    log.warning("replica %s is back in rotation (restart %d)", handle.replica_id,
-                                handle.info["restarts"])
+            probes = await asyncio.gather(*(_probe(h) for h in handles))
+            now = time.monotonic()
+            for handle, (verdict, pid) in zip(handles, probes):
+                if verdict == "slow":
+                    slow_since = handle.info.setdefault("slow_since", now)
+                    if handle.state == "ready" and now - slow_since > self._replica_timeout_s:
+                        self._take_out(handle, f"has not answered for {now - slow_since:.0f} s")
+                    continue
+                handle.info.pop("slow_since", None)
+                if verdict == "dead":
+                    if handle.state == "ready":
+                        self._take_out(handle, "failed its health check")
+                    continue
+                known_pid = handle.info.setdefault("pid", pid)
+                if handle.state == "dead" or pid != known_pid:  # a new process: Ray restarted it
+                    await self._bring_back(handle, restarted=pid != known_pid)
+                    handle.info["pid"] = pid
             await asyncio.sleep(interval_s)
+
+    def _take_out(self, handle: ReplicaHandle, why: str) -> None:
+        handle.state = "dead"
+        handle.info["failures"] = handle.info.get("failures", 0) + 1
+        log.warning("replica %s %s; out of rotation", handle.replica_id, why)
+
+    async def _bring_back(self, handle: ReplicaHandle, *, restarted: bool) -> None:
+        if restarted:
+            try:
+                info = await asyncio.wait_for(handle.actor.start.remote(), 60)
+            except Exception as exc:
+                log.warning("replica %s answers but did not start: %s", handle.replica_id, _cause(exc))
+                return
+            handle.info.update(info)
+            handle.info["restarts"] = handle.info.get("restarts", 0) + 1
+        handle.state = "ready"
+        log.warning("replica %s is back in rotation%s", handle.replica_id,
+                    f" (restart {handle.info['restarts']})" if restarted else "")
 
     def inflight(self, replica_id: str) -> int:
         """Requests the router has in flight on a replica (used to drain it)."""
@@ -304,11 +334,33 @@ class _ReplicaFailed(Exception):
         self.handles = handles
 
 
-async def _ping(handle: ReplicaHandle, timeout_s: float = 2.0) -> bool:
+_background: set[asyncio.Task] = set()  # tasks nobody awaits, kept referenced until they finish
+
+
+def _release_when_reserved(handle: ReplicaHandle, request_id: str, ref) -> None:
+    async def release() -> None:
+        try:
+            await ref
+        except Exception:
+            return  # it was refused or the replica failed: nothing is held
+        handle.actor.abort.remote(request_id)
+
+    task = asyncio.ensure_future(release())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _probe(handle: ReplicaHandle, timeout_s: float = 2.0) -> tuple[str, int | None]:
+    """("alive", pid of rank 0's process) | ("slow", None): no answer within timeout_s | ("dead", None)."""
     try:
-        return bool(await asyncio.wait_for(handle.actor.ping.remote(), timeout_s))
-    except Exception:
-        return False
+        if not await asyncio.wait_for(handle.actor.ping.remote(), timeout_s):
+            return "dead", None
+        pid = await asyncio.wait_for(handle.actor.__ray_call__.remote(lambda self: os.getpid()), timeout_s)
+        return "alive", pid
+    except asyncio.TimeoutError:
+        return "slow", None
+    except Exception:  # the actor's process is gone, or ping raised (a rank of its mesh is gone)
+        return "dead", None
 
 
 async def _stats(handle: ReplicaHandle, timeout_s: float = 5.0) -> dict | None:

@@ -109,7 +109,11 @@ def connect_ray(config: ClusterConfig) -> None:
         ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
         return
     num_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(_cpus_needed(config)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
+    # Ray keeps an event record of every task attempt in its GCS (up to 100,000 by default), about 3 per request:
+    # a long-running local server would grow by ~11 MiB/min until the cap; a smaller cap keeps it flat.
+    os.environ.setdefault("RAY_task_events_max_num_task_in_gcs", "10000")
+    # address="local": always a new instance, never another Ray that happens to run on this machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True,
              configure_logging=False)
 
 
@@ -189,7 +193,10 @@ class Deployment:
                 raise DeploymentError(f"{handle.replica_id} failed to start: {exc.cause}") from None
             handle.state = "ready"
             handle.node_ip = handle.info.get("node_ip", "")
-            print(f"pdcluster: {handle.replica_id} ready ({time.monotonic() - started:.1f} s)", file=out, flush=True)
+            where = f"on {handle.info['device']}; " if handle.info.get("device") else ""
+            cache = f"; {handle.info['kv_cache']}" if handle.info.get("kv_cache") else ""
+            print(f"pdcluster: {handle.replica_id} ready ({where}{time.monotonic() - started:.1f} s){cache}", file=out,
+                  flush=True)
         return handles
 
     def _add_replicas(self, tier: TierSection, count: int, out) -> list[ReplicaHandle]:
@@ -225,6 +232,8 @@ class Deployment:
         num_cpus = float(tier.resources.get("num_cpus", 0.5))
         threads = max(1, math.floor(num_cpus))
         mesh = MeshShape(tp=tier.mesh.tp, cp=tier.mesh.cp, pp=tier.mesh.pp, ep=tier.mesh.ep)
+        # A tier that asks for GPUs computes on them: each rank on the GPU Ray gives its actor, NCCL between ranks.
+        use_gpu = bool(tier.resources.get("num_gpus"))
 
         def options(rank: int, max_restarts: int) -> dict:
             strategy = PlacementGroupSchedulingStrategy(placement_group=handle.placement_group,
@@ -242,7 +251,8 @@ class Deployment:
             common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, num_kv_blocks=tier.num_kv_blocks,
                           block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
                           kv_backend=cfg.kv_transfer.backend, kv_token=self.token, num_threads=threads,
-                          checksum=cfg.kv_transfer.checksum)
+                          checksum=cfg.kv_transfer.checksum, use_gpu=use_gpu,
+                          gpu_memory_fraction=tier.gpu_memory_fraction)
             handle.workers = [ray.remote(DecodeRankWorker).options(**options(rank, 0)).remote(
                 replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
             prefill = cfg.prefill.mesh
@@ -255,7 +265,7 @@ class Deployment:
         from prefill_tier.replica import PrefillReplica
 
         common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, kv_backend=cfg.kv_transfer.backend,
-                      kv_token=self.token, layerwise=cfg.kv_transfer.layerwise, num_threads=threads)
+                      kv_token=self.token, layerwise=cfg.kv_transfer.layerwise, num_threads=threads, use_gpu=use_gpu)
         handle.workers = [ray.remote(PrefillRankWorker).options(**options(rank, 0)).remote(
             replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
         handle.actor = ray.remote(PrefillReplica).options(**options(0, restarts)).remote(

@@ -68,7 +68,7 @@ def test_nccl_in_one_process_lands_bfloat16_in_place_and_bundled(monkeypatch):
         client = transport.make_client(token=TOKEN)
         sender = KVSender(client)
         blocks, num_tokens = [20, 21, 22, 23, 24, 3, 9, 10, 30], 35
-        info = receiver.reserve("bf16", blocks, num_tokens, lease_s=10)
+        info = receiver.reserve("bf16", blocks, num_tokens, lease_s=90)
         kv = make_kv(11, 2, num_tokens, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)
         for layer, (k, v) in enumerate(kv):
             await sender.push_layer(info, layer, k, v)
@@ -81,7 +81,7 @@ def test_nccl_in_one_process_lands_bfloat16_in_place_and_bundled(monkeypatch):
         await client.close()
         await server.close()
 
-    run_bounded(body(), 30)
+    run_bounded(body(), 120)
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_nccl_concurrent_requests_land_bitwise_in_their_blocks(peer):
         server, cache, receiver = await _start_decode(checksum=True)
         num_tokens = [37, 5, 61]
         tables = shuffled_block_sets(21, NUM_BLOCKS, [blocks_needed(n, BLOCK_SIZE) + 2 for n in num_tokens])
-        infos = [receiver.reserve(f"req-{i}", t, n, lease_s=20) for i, (t, n) in enumerate(zip(tables, num_tokens))]
+        infos = [receiver.reserve(f"req-{i}", t, n, lease_s=90) for i, (t, n) in enumerate(zip(tables, num_tokens))]
         waits = [asyncio.create_task(receiver.wait_complete(info.request_id)) for info in infos]
         replies = await peer.call(("push", [job(info, 200 + i) for i, info in enumerate(infos)]))
         assert [r[0] for r in replies] == ["ok"] * 3, replies
@@ -102,7 +102,7 @@ def test_nccl_concurrent_requests_land_bitwise_in_their_blocks(peer):
         assert_untouched(cache, sorted(set(range(NUM_BLOCKS)) - used))
         await server.close()
 
-    run_bounded(body(), 60)
+    run_bounded(body(), 150)
 
 
 @pytest.mark.slow
@@ -115,7 +115,7 @@ def test_nccl_wrong_token_is_refused_and_logged(peer, caplog):
         return refused, accepted
 
     with caplog.at_level(logging.WARNING, logger="kv_transfer"):
-        refused, accepted = run_bounded(body(), 30)
+        refused, accepted = run_bounded(body(), 120)
     assert refused[:2] == ("error", "AuthenticationError") and "wrong cluster token" in refused[2]
     assert accepted == ("ok", None)
     assert any("refused peer 'test-prefill'" in r.getMessage() for r in caplog.records)
@@ -127,7 +127,7 @@ def test_nccl_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(p
         server, cache, receiver = await _start_decode()
         num_tokens = 90
         blocks = shuffled_block_sets(5, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
-        old = receiver.reserve("old", blocks, num_tokens, lease_s=20)
+        old = receiver.reserve("old", blocks, num_tokens, lease_s=90)
         assert (await peer.call(("push_async", [job(old, 1, [0, 1], finish=False)])))[0] == "started"
         deadline = time.monotonic() + 10
         while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() < deadline:
@@ -136,7 +136,7 @@ def test_nccl_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(p
         assert await receiver.abort("old") is True
         snapshot = [t.clone() for t in cache]
 
-        new = receiver.reserve("new", blocks, num_tokens, lease_s=20)
+        new = receiver.reserve("new", blocks, num_tokens, lease_s=90)
         waiter = asyncio.create_task(receiver.wait_complete("new"))
         # The rest of the aborted request is announced late, together with the new one: it must not land.
         replies = await peer.call(("push", [job(old, 1, [2, 3]), job(new, 2)]))
@@ -149,7 +149,7 @@ def test_nccl_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(p
         assert_untouched(cache, others)
         await server.close()
 
-    run_bounded(body(), 60)
+    run_bounded(body(), 150)
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_nccl_lease_expiry_aborts_within_the_bound(peer):
     async def body():
         server, cache, receiver = await _start_decode()
         # Warm the pair up first: the process group is built on the first send, which must not eat the lease.
-        warm = receiver.reserve("warm", [1, 2], 6, lease_s=20)
+        warm = receiver.reserve("warm", [1, 2], 6, lease_s=90)
         assert (await peer.call(("push", [job(warm, 6)])))[0][0] == "ok"
         await receiver.wait_complete("warm")
         started = time.monotonic()
@@ -169,7 +169,7 @@ def test_nccl_lease_expiry_aborts_within_the_bound(peer):
         assert 0.5 <= time.monotonic() - started < 0.5 + 1.0
         await server.close()
 
-    run_bounded(body(), 30)
+    run_bounded(body(), 120)
 
 
 @pytest.mark.slow
@@ -196,7 +196,7 @@ def test_nccl_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_serv
             doomed.kill()
 
         # The server survived its peer's death: a new request from another process completes.
-        fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=20)
+        fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=90)
         replies = await peer.call(("push", [job(fresh, 5)]))
         assert replies[0][0] == "ok", replies
         await receiver.wait_complete("fresh")

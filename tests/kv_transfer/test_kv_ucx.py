@@ -74,7 +74,7 @@ def test_ucx_in_one_process_carries_bfloat16():
         await sender._client.close()
         await server.close()
 
-    run_bounded(body(), 30)
+    run_bounded(body(), 120)
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_ucx_concurrent_requests_land_bitwise_in_their_blocks(peer):
         server, cache, receiver = await _start_decode(checksum=True)
         num_tokens = [37, 5, 61]
         tables = shuffled_block_sets(21, NUM_BLOCKS, [blocks_needed(n, BLOCK_SIZE) + 2 for n in num_tokens])
-        infos = [receiver.reserve(f"req-{i}", t, n, lease_s=20) for i, (t, n) in enumerate(zip(tables, num_tokens))]
+        infos = [receiver.reserve(f"req-{i}", t, n, lease_s=90) for i, (t, n) in enumerate(zip(tables, num_tokens))]
         waits = [asyncio.create_task(receiver.wait_complete(info.request_id)) for info in infos]
         replies = await peer.call(("push", [job(info, 200 + i) for i, info in enumerate(infos)]))
         assert [r[0] for r in replies] == ["ok"] * 3, replies
@@ -95,7 +95,7 @@ def test_ucx_concurrent_requests_land_bitwise_in_their_blocks(peer):
         assert_untouched(cache, sorted(set(range(NUM_BLOCKS)) - used))
         await server.close()
 
-    run_bounded(body(), 60)
+    run_bounded(body(), 150)
 
 
 @pytest.mark.slow
@@ -108,7 +108,7 @@ def test_ucx_wrong_token_is_refused_and_logged(peer, caplog):
         return refused, accepted
 
     with caplog.at_level(logging.WARNING, logger="kv_transfer"):
-        refused, accepted = run_bounded(body(), 30)
+        refused, accepted = run_bounded(body(), 120)
     assert refused[:2] == ("error", "AuthenticationError") and "wrong cluster token" in refused[2]
     assert accepted == ("ok", None)
     assert any("refused peer 'test-prefill'" in r.getMessage() for r in caplog.records)
@@ -120,7 +120,7 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
         server, cache, receiver = await _start_decode()
         num_tokens = 90
         blocks = shuffled_block_sets(5, NUM_BLOCKS, [blocks_needed(num_tokens, BLOCK_SIZE)])[0]
-        old = receiver.reserve("old", blocks, num_tokens, lease_s=20)
+        old = receiver.reserve("old", blocks, num_tokens, lease_s=90)
         assert (await peer.call(("push_async", [job(old, 1, [0, 1], finish=False)])))[0] == "started"
         deadline = time.monotonic() + 10
         while torch.all(cache[0][blocks] == SENTINEL) and time.monotonic() < deadline:
@@ -129,7 +129,7 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
         assert await receiver.abort("old") is True
         snapshot = [t.clone() for t in cache]
 
-        new = receiver.reserve("new", blocks, num_tokens, lease_s=20)
+        new = receiver.reserve("new", blocks, num_tokens, lease_s=90)
         waiter = asyncio.create_task(receiver.wait_complete("new"))
         # The rest of the aborted request arrives late, together with the new one.
         replies = await peer.call(("push", [job(old, 1, [2, 3]), job(new, 2)]))
@@ -142,7 +142,7 @@ def test_ucx_abort_mid_transfer_then_the_same_blocks_get_only_the_new_request(pe
         assert_untouched(cache, others)
         await server.close()
 
-    run_bounded(body(), 60)
+    run_bounded(body(), 150)
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def test_ucx_lease_expiry_aborts_within_the_bound(peer):
         assert 0.5 <= time.monotonic() - started < 0.5 + 1.0
         await server.close()
 
-    run_bounded(body(), 30)
+    run_bounded(body(), 120)
 
 
 @pytest.mark.slow
@@ -185,7 +185,7 @@ def test_ucx_sender_killed_mid_transfer_ends_by_lease_and_the_server_keeps_servi
             doomed.kill()
 
         # The server survived its peer's death: a new request from another process completes.
-        fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=20)
+        fresh = receiver.reserve("fresh", blocks, num_tokens, lease_s=90)
         replies = await peer.call(("push", [job(fresh, 5)]))
         assert replies[0][0] == "ok", replies
         await receiver.wait_complete("fresh")
@@ -207,7 +207,7 @@ def test_ucx_cuda_cache_receives_bfloat16_straight_into_device_blocks():
         client = transport.make_client(token=TOKEN)
         sender = KVSender(client)
         blocks, num_tokens = [20, 21, 22, 4, 9], 19
-        info = receiver.reserve("gpu", blocks, num_tokens, lease_s=20)
+        info = receiver.reserve("gpu", blocks, num_tokens, lease_s=90)
         kv = [(k.cuda(), v.cuda()) for k, v in make_kv(12, 3, num_tokens, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)]
         for layer, (k, v) in enumerate(kv):
             await sender.push_layer(info, layer, k, v)
@@ -218,4 +218,4 @@ def test_ucx_cuda_cache_receives_bfloat16_straight_into_device_blocks():
         await client.close()
         await server.close()
 
-    run_bounded(body(), 60)
+    run_bounded(body(), 150)

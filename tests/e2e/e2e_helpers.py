@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+from orchestrator.client import Client
 from orchestrator.config import load_config
 
 
@@ -68,3 +70,31 @@ def config_yaml(config) -> str:
     if tls["cert"]:
         router["tls"] = {k: v for k, v in tls.items() if v}
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def generate_concurrently(address: str, prompts: list[list[int]], **options) -> list[tuple[list[int], object]]:
+    """Send every prompt at once (so prefill batches and decode steps are shared); (tokens, last chunk) each."""
+    results: list = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    errors: list = []
+
+    def run(i: int) -> None:
+        try:
+            with Client(address) as client:
+                barrier.wait()  # all requests in flight together, so prefill batches and decode steps are shared
+                tokens, last = [], None
+                for chunk in client.generate(token_ids=prompts[i], **options):
+                    tokens.extend(chunk.token_ids)
+                    last = chunk
+                results[i] = (tokens, last)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(f"request {i}: {exc!r}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in results), f"a request did not complete: {errors}"
+    return results

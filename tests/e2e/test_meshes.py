@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from orchestrator.config import ConfigError, MeshSection
 from orchestrator.deploy import Deployment
 from orchestrator.serve import RunningCluster
 
-from e2e_helpers import cluster_config, hf_greedy, make_model_dir
+from e2e_helpers import cluster_config, generate_concurrently, hf_greedy, make_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -70,25 +69,7 @@ def _pin(cluster, prefill_id: str, decode_id: str) -> None:
 
 
 def _generate_all(address: str, prompts: list[list[int]]) -> list[tuple[list[int], object]]:
-    results: list = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
-
-    def run(i: int) -> None:
-        with Client(address) as client:
-            barrier.wait()  # in flight together: shared prefill batches and decode steps
-            tokens, last = [], None
-            for chunk in client.generate(token_ids=prompts[i], max_tokens=MAX_NEW_TOKENS):
-                tokens.extend(chunk.token_ids)
-                last = chunk
-            results[i] = (tokens, last)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(r is not None for r in results), "a request did not complete"
-    return results
+    return generate_concurrently(address, prompts, max_tokens=MAX_NEW_TOKENS)
 
 
 def test_every_mesh_pair_matches_transformers(mixed_cluster, llama):

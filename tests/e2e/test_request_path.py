@@ -3,7 +3,6 @@ decode actor -> router -> client, checked token for token against Hugging Face t
 
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from orchestrator.client import Client, PdclusterError
 from orchestrator.serve import RunningCluster
 
-from e2e_helpers import cluster_config, hf_greedy, make_model_dir
+from e2e_helpers import cluster_config, generate_concurrently, hf_greedy, make_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -27,28 +26,6 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [[rng.randrange(3, min(vocab_size, 256)) for _ in range(n)] for n in lengths]
 
 
-def _generate_concurrently(address: str, prompts: list[list[int]], **options) -> list[list[int]]:
-    results: list = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
-
-    def run(i: int) -> None:
-        with Client(address) as client:
-            barrier.wait()  # all requests in flight together, so prefill batches and decode steps are shared
-            tokens, last = [], None
-            for chunk in client.generate(token_ids=prompts[i], **options):
-                tokens.extend(chunk.token_ids)
-                last = chunk
-            results[i] = (tokens, last)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert all(r is not None for r in results), "a request did not complete"
-    return results
-
-
 @pytest.fixture(scope="module")
 def llama_cluster(ray_local, tmp_path_factory):
     model_dir = make_model_dir(tmp_path_factory, "tiny-llama")
@@ -59,7 +36,7 @@ def llama_cluster(ray_local, tmp_path_factory):
 def test_greedy_output_equals_transformers_llama(llama_cluster):
     cluster, model_dir = llama_cluster
     prompts = _prompts(512)
-    results = _generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
+    results = generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
     expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
     for prompt, (tokens, last), ref in zip(prompts, results, expected):
         assert tokens == ref, f"prompt of {len(prompt)} tokens diverged from transformers"
@@ -150,7 +127,7 @@ def test_greedy_output_equals_transformers_qwen2(ray_local, tmp_path_factory):
     model_dir = make_model_dir(tmp_path_factory, "tiny-qwen2")
     prompts = _prompts(512)[:4]
     with RunningCluster(cluster_config(model_dir)) as cluster:
-        results = _generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
+        results = generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
     expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
     assert [tokens for tokens, _ in results] == expected
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import random
 import statistics
 import sys

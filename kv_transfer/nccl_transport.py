@@ -44,7 +44,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from kv_transfer.buffers import byte_view, nbytes
+from kv_transfer.buffers import byte_view
 from kv_transfer.errors import AuthenticationError, CancelIncomplete, TransportError
 from kv_transfer.nccl_link import CLIENT_RANK, SERVER_RANK, GroupSpec, PeerLink
 from kv_transfer.nccl_wire import (

@@ -10,6 +10,7 @@ gateway (`gateway:`) start and stop with the router; every request ends with one
 from __future__ import annotations
 
 import asyncio
+import errno
 import sys
 import threading
 
@@ -36,6 +37,7 @@ class RunningCluster:
         self._poller = None
         self._gateway = None
         self._request_log = RequestLog()
+        self._stopping = False
 
     @property
     def address(self) -> str:
@@ -58,6 +60,7 @@ class RunningCluster:
             self.backend = ClusterBackend(self.deployment, metrics=self.metrics)
             tokenizer = load_tokenizer(self.config.model.path)
             self._loop = asyncio.new_event_loop()
+            self._loop.set_exception_handler(self._on_loop_exception)
             self._thread = threading.Thread(target=self._loop.run_forever, name="pdcluster-router", daemon=True)
             self._thread.start()
             self._server = build_server(self.backend, tokenizer, host=router.host, port=router.port,
@@ -125,8 +128,17 @@ class RunningCluster:
     def status(self) -> dict:
         return self._call(self.backend.status())
 
+    def _on_loop_exception(self, loop, context) -> None:
+        # grpc.aio's poller can fire once more after the stopped server closed its descriptor; only while we
+        # are shutting down is that expected (EBADF), and it is not worth a traceback on the user's terminal.
+        error = context.get("exception")
+        if self._stopping and isinstance(error, OSError) and error.errno == errno.EBADF:
+            return
+        loop.default_exception_handler(context)
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting requests, let in-flight ones finish for up to grace_s, then tear the tiers down."""
+        self._stopping = True
         if getattr(self, "_health_task", None) is not None:
             self._health_task.cancel()
             self._health_task = None

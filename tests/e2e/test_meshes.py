@@ -141,3 +141,18 @@ def test_unequal_meshes_over_the_nccl_transport(ray_local, llama):
             assert outputs == expected
             last = list(client.generate(token_ids=prompts[1], max_tokens=3, ignore_eos=True))[-1]
             assert last.timings["kv_bytes"] > 0
+
+
+def test_mixtral_with_expert_parallel_decode(ray_local, tmp_path_factory):
+    """A mixture-of-experts model through both tiers: prefill tp2 -> decode tp2 x ep2 (each decode rank holds
+    whole experts; tokens are dispatched and combined with all-to-all), greedy output equal to transformers'
+    MixtralForCausalLM on the same weights."""
+    model_dir = make_model_dir(tmp_path_factory, "tiny-mixtral")
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (4, 25)]
+    expected = hf_greedy(model_dir, prompts, MAX_NEW_TOKENS)
+    config = _config(model_dir, {"tp": 2}, {"tp": 2, "ep": 2})
+    with RunningCluster(config) as cluster:
+        results = generate_concurrently(cluster.address, prompts, max_tokens=MAX_NEW_TOKENS)
+        assert [tokens for tokens, _ in results] == expected
+        assert cluster.status()["decode"][0]["mesh"]["ep"] == 2

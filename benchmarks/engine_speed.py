@@ -303,7 +303,8 @@ def tables(document: dict) -> None:
                       for model in document["models"] for r in model.get("attention_kernels", [])
                       if isinstance(r, dict)]
     c = document["ceilings"]
-    print(f"\nceilings: copy {c['copy']['bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul {c['matmul']['size']}^3 "
+    print(f"\nceilings: copy {c['copy']['bytes_per_s'] / 1e12:.2f} TB/s (read + write), bf16 matmul "
+          f"{c['matmul']['size']}^3 "
           f"{c['matmul']['flop_per_s'] / 1e12:.0f} TFLOP/s; device {document['device']}")
     print_table(f"decode, {document['args']['context']} tokens of context per sequence (ms per step = per output "
                 "token; HF: transformers generate, first pass over new KV lengths and warm repeat)",

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from decode_tier.engine import DecodePlan, StepRunner
+from decode_tier.kv_sizing import KVCacheSize, agree_on_size, size_kv_cache
 from kv_transfer.mesh_layout import DecodeLayout, PrefillLayout
 from kv_transfer.mesh_session import RankKVReceiver, RankTarget
 from kv_transfer.transport import TransferStats, get_transport
 from mesh.kv_cache import allocate_kv_cache
 from mesh.model import CausalLM
 from mesh.parallel import MeshShape
+from mesh.rank_device import bind_thread, rank_device
 from mesh.rank_group import RankGroup, Rendezvous, join_mesh
 
 log = logging.getLogger("pdcluster.decode")
@@ -50,17 +54,43 @@ def logits_rank(shape: MeshShape) -> int:
     return shape.rank_of(pp=shape.pp - 1, cp=0, tp=0)
 
 
+def actor_device(use_gpu: bool) -> torch.device:
+    """This rank actor's device: the GPU Ray assigned it when the tier asks for num_gpus, else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray  # only the actor knows which GPU it was given
+
+    return rank_device(ray.get_gpu_ids(), use_gpu=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """What decides the size of a rank's KV cache (decode_tier/kv_sizing.py): picklable, the same on every rank."""
+
+    num_kv_blocks: int | None  # set in cluster.yaml: wins; None: sized from the device
+    gpu_memory_fraction: float
+    block_size: int
+    max_num_seqs: int
+
+
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
-                  block_size: int, store=None) -> tuple[RankGroup | None, CausalLM, DecodeLayout]:
-    """Blocking (run it off the event loop): join the replica's world, load this rank's shard, describe its KV."""
+                  cache: CacheSettings, store=None, *, device: torch.device | None = None,
+                  ) -> tuple[RankGroup | None, CausalLM, DecodeLayout, KVCacheSize]:
+    """Blocking (run it off the event loop, on the rank's compute thread): join the replica's world (NCCL for the
+    model's collectives on GPU), load this rank's shard straight onto `device` in `dtype`, describe its KV, and
+    agree with the other ranks on the number of KV blocks (collective; no cache is allocated yet)."""
     if shape.cp != 1:
         raise ValueError(f"decode replicas run without context parallelism (mesh {shape}); use cp: 1")
-    group, dims = join_mesh(rendezvous, rank, shape, store=store)
-    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype])
+    device = torch.device("cpu") if device is None else device
+    bind_thread(device)
+    group, dims = join_mesh(rendezvous, rank, shape, store=store, device=device if device.type == "cuda" else None)
+    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype], device=device)
     config = model.config
     layout = DecodeLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, tp=shape.tp,
-                          block_size=block_size)
-    return group, model, layout
+                          block_size=cache.block_size)
+    mine = size_kv_cache(model, num_kv_blocks=cache.num_kv_blocks, gpu_memory_fraction=cache.gpu_memory_fraction,
+                         block_size=cache.block_size, max_num_seqs=cache.max_num_seqs)
+    return group, model, layout, agree_on_size(group, mine)
 
 
 class MeshStepPeers:
@@ -91,34 +121,45 @@ class DecodeRankWorker:
     """Ray actor class (plain; resources and placement come from orchestrator/deploy.py)."""
 
     def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape,
-                 num_kv_blocks: int, block_size: int, max_num_seqs: int, kv_backend: str, kv_token: str,
-                 num_threads: int = 1, checksum: bool = False):
+                 num_kv_blocks: int | None, block_size: int, max_num_seqs: int, kv_backend: str, kv_token: str,
+                 num_threads: int = 1, checksum: bool = False, use_gpu: bool = False,
+                 gpu_memory_fraction: float = 0.9):
+        """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it. num_kv_blocks None:
+        sized at start-up (decode_tier/kv_sizing.py)."""
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self.rank = rank
         self._model_path = model_path
         self._dtype = dtype
         self._shape = mesh
-        self._num_kv_blocks = num_kv_blocks
+        self._cache_settings = CacheSettings(num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
+                                             block_size=block_size, max_num_seqs=max_num_seqs)
         self._block_size = block_size
         self._max_num_seqs = max_num_seqs
         self._kv_backend = kv_backend
         self._kv_token = kv_token
         self._checksum = checksum
+        self._use_gpu = use_gpu
+        self._device = torch.device("cpu")
+        self._cache_size: KVCacheSize | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-rank")
         self._thread: threading.Thread | None = None
         self._num_steps = 0
 
     async def start(self, rendezvous: Rendezvous) -> dict:
         """Join the world rank 0 opened (blocks until every rank joined), load the shard, allocate this rank's
-        cache, start its KV server and serve steps. Returns {"rank", "kv_address", "node_ip"}."""
+        cache (on its GPU when the tier has num_gpus), start its KV server and serve steps. Returns {"rank",
+        "kv_address", "node_ip", "device", "num_kv_blocks"}."""
         if self._thread is not None:
             raise RuntimeError(f"{self.replica_id} rank {self.rank} already belongs to a world; restart the actor")
         loop = asyncio.get_running_loop()
-        group, model, layout = await loop.run_in_executor(
-            self._executor, join_and_load, self._model_path, self._dtype, self._shape, self.rank, rendezvous,
-            self._block_size)
-        kv_cache = allocate_kv_cache(model, num_blocks=self._num_kv_blocks, block_size=self._block_size)
+        self._device = actor_device(self._use_gpu)
+        bind_thread(self._device)  # the event loop packs, scatters and records events for the transport
+        group, model, layout, self._cache_size = await loop.run_in_executor(
+            self._executor, functools.partial(join_and_load, self._model_path, self._dtype, self._shape, self.rank,
+                                              rendezvous, self._cache_settings, device=self._device))
+        log.info("%s rank %d on %s: %s", self.replica_id, self.rank, self._device, self._cache_size.description)
+        kv_cache = allocate_kv_cache(model, num_blocks=self._cache_size.num_blocks, block_size=self._block_size)
         runner = StepRunner(model, kv_cache, self._max_num_seqs)
         self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
         address = await self._server.start(node_host())
@@ -126,7 +167,8 @@ class DecodeRankWorker:
         self._thread = threading.Thread(target=self._serve_steps, args=(group, runner), daemon=True,
                                         name=f"decode-rank{self.rank}-steps")
         self._thread.start()
-        return {"rank": self.rank, "kv_address": address, "node_ip": node_host()}
+        return {"rank": self.rank, "kv_address": address, "node_ip": node_host(), "device": str(self._device),
+                "num_kv_blocks": self._cache_size.num_blocks}
 
     async def post_kv(self, request_id: str, src: PrefillLayout, block_ids: Sequence[int], num_tokens: int,
                       lease_s: float) -> RankTarget:
@@ -139,6 +181,7 @@ class DecodeRankWorker:
         return await self._receiver.abort(request_id)
 
     def _serve_steps(self, group: RankGroup, runner: StepRunner) -> None:
+        bind_thread(self._device)
         source = logits_rank(self._shape)
         holds_logits = source == self.rank
         while True:
@@ -167,4 +210,5 @@ class DecodeRankWorker:
         return self._thread is not None and self._thread.is_alive()
 
     async def get_stats(self) -> dict:
-        return {"rank": self.rank, "num_steps": self._num_steps, "num_waiting_kv": self._receiver.num_pending}
+        return {"rank": self.rank, "num_steps": self._num_steps, "num_waiting_kv": self._receiver.num_pending,
+                "device": str(self._device), "num_kv_blocks": self._cache_size.num_blocks}

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from orchestrator.config import ClusterConfig, TierSection
 
-_REPLICA_SHAPE_FIELDS = ("mesh", "resources", "max_batch_tokens", "max_batch_seqs", "num_kv_blocks", "block_size",
-                         "max_num_seqs")
+_REPLICA_SHAPE_FIELDS = ("mesh", "resources", "max_batch_tokens", "max_batch_seqs", "num_kv_blocks",
+                         "gpu_memory_fraction", "block_size", "max_num_seqs")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -75,8 +75,10 @@ class TierSection:
     # prefill: batching budget per forward pass
     max_batch_tokens: int = 4096
     max_batch_seqs: int = 32
-    # decode: paged KV cache and running batch
-    num_kv_blocks: int = 1024
+    # decode: paged KV cache and running batch. num_kv_blocks set: exactly that many blocks; None (unset): a GPU
+    # tier sizes its cache from gpu_memory_fraction at start-up, a CPU tier takes 1024 (decode_tier/kv_sizing.py).
+    num_kv_blocks: int | None = None
+    gpu_memory_fraction: float = 0.9  # share of each GPU the rank may fill (weights + activations + KV cache)
     block_size: int = 16
     max_num_seqs: int = 64
     max_restarts: int = 3  # Ray restarts a dead replica this many times
@@ -243,7 +245,7 @@ def _parse_logging(raw: dict) -> LoggingSection:
 def _parse_tier(raw: dict, name: str) -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
-               "num_kv_blocks", "block_size", "max_num_seqs", "max_restarts", "placement")
+               "num_kv_blocks", "gpu_memory_fraction", "block_size", "max_num_seqs", "max_restarts", "placement")
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -252,16 +254,25 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
         raise ConfigError(f"{p}replicas", f"{replicas} is below min_replicas ({min_replicas})")
     if max_replicas is not None and replicas > max_replicas:
         raise ConfigError(f"{p}replicas", f"{replicas} is above max_replicas ({max_replicas})")
+    resources = _parse_resources(_section(raw, "resources", p), f"{p}resources.")
+    num_kv_blocks = _int(raw, "num_kv_blocks", p, None, minimum=1)
+    if num_kv_blocks is None and not resources.get("num_gpus"):
+        num_kv_blocks = 1024  # CPU: no device memory to size from
+    gpu_memory_fraction = _float(raw, "gpu_memory_fraction", p, 0.9)
+    if gpu_memory_fraction > 1:
+        raise ConfigError(f"{p}gpu_memory_fraction", f"must be in (0, 1] (a share of each GPU's memory), got "
+                                                     f"{gpu_memory_fraction}")
     tier = TierSection(
         name=name,
         replicas=replicas,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         mesh=_parse_mesh(_section(raw, "mesh", p), f"{p}mesh."),
-        resources=_parse_resources(_section(raw, "resources", p), f"{p}resources."),
+        resources=resources,
         max_batch_tokens=_int(raw, "max_batch_tokens", p, 4096, minimum=1),
         max_batch_seqs=_int(raw, "max_batch_seqs", p, 32, minimum=1),
-        num_kv_blocks=_int(raw, "num_kv_blocks", p, 1024, minimum=1),
+        num_kv_blocks=num_kv_blocks,
+        gpu_memory_fraction=gpu_memory_fraction,
         block_size=_int(raw, "block_size", p, 16, minimum=1),
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
         max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),

@@ -26,6 +26,7 @@ from mesh.sampling import SamplingParams, sample
 log = logging.getLogger("pdcluster.prefill")
 
 FINISH_TIMEOUT_S = 60.0  # a rank's KV sends of one step must complete within this
+EVENT_POLL_S = 0.0001  # how often the loop checks whether a layer's K/V kernels are done (GPU)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,8 +87,7 @@ class PrefillRankCore:
         def ship(index: int, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             info = step.reservations[index]
             if self._layerwise:
-                future = asyncio.run_coroutine_threadsafe(self.sender.push_layer(info, layer, k, v), self._loop)
-                pushes.append((info.request_id, future))
+                pushes.append((info.request_id, self._submit_push(info, layer, k, v)))
             else:
                 held.append((index, layer, k, v))
 
@@ -97,8 +97,7 @@ class PrefillRankCore:
         outcome.forward_s = time.perf_counter() - started
         for index, layer, k, v in held:  # layerwise off: everything goes after the forward
             info = step.reservations[index]
-            pushes.append((info.request_id, asyncio.run_coroutine_threadsafe(
-                self.sender.push_layer(info, layer, k, v), self._loop)))
+            pushes.append((info.request_id, self._submit_push(info, layer, k, v)))
         kv_started = time.perf_counter()
         for request_id, future in pushes:
             try:
@@ -114,6 +113,24 @@ class PrefillRankCore:
                 outcome.errors.setdefault(info.request_id, f"{type(error).__name__}: {error}")
         outcome.kv_s = time.perf_counter() - kv_started
         return outcome
+
+    def _submit_push(self, info: MeshReservation, layer: int, k: torch.Tensor, v: torch.Tensor,
+                     ) -> concurrent.futures.Future:
+        """Hand one layer to the sender on the event loop (compute thread). On a GPU the kernels producing k and v
+        are only queued when the hook runs, while the sender packs on the loop thread's stream: an event recorded
+        here, on the compute thread's current stream, is waited for before packing (kv_transfer's contract: the
+        producing work must be complete before push_layer). The compute thread never blocks on it."""
+        computed = None
+        if k.is_cuda:
+            computed = torch.cuda.Event()
+            computed.record(torch.cuda.current_stream(k.device))
+        return asyncio.run_coroutine_threadsafe(self._push_when_computed(computed, info, layer, k, v), self._loop)
+
+    async def _push_when_computed(self, computed, info: MeshReservation, layer: int, k: torch.Tensor,
+                                  v: torch.Tensor) -> None:
+        while computed is not None and not computed.query():
+            await asyncio.sleep(EVENT_POLL_S)
+        await self.sender.push_layer(info, layer, k, v)
 
     @torch.inference_mode()
     def _forward(self, step: PrefillStep, ship) -> torch.Tensor | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
 from mesh.model import CausalLM
 from mesh.parallel import MeshShape
+from mesh.rank_device import bind_thread, rank_device
 from mesh.rank_group import RankGroup, Rendezvous, join_mesh
 from prefill_tier.rank_step import PrefillRankCore, RankOutcome
 
@@ -41,11 +43,24 @@ def node_host() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+def actor_device(use_gpu: bool) -> torch.device:
+    """This rank actor's device: the GPU Ray assigned it when the tier asks for num_gpus, else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray  # only the actor knows which GPU it was given
+
+    return rank_device(ray.get_gpu_ids(), use_gpu=True)
+
+
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
-                  store=None) -> tuple[RankGroup | None, CausalLM, PrefillLayout]:
-    """Blocking (run it off the event loop): join the replica's world, load this rank's shard, describe its KV."""
-    group, dims = join_mesh(rendezvous, rank, shape, store=store)
-    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype])
+                  store=None, *, device: torch.device | None = None,
+                  ) -> tuple[RankGroup | None, CausalLM, PrefillLayout]:
+    """Blocking (run it off the event loop, on the rank's compute thread): join the replica's world (NCCL for the
+    model's collectives on GPU), load this rank's shard straight onto `device` in `dtype`, describe its KV."""
+    device = torch.device("cpu") if device is None else device
+    bind_thread(device)
+    group, dims = join_mesh(rendezvous, rank, shape, store=store, device=device if device.type == "cuda" else None)
+    model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype], device=device)
     config = model.config
     layout = PrefillLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, cp=shape.cp,
                            tp=shape.tp)
@@ -56,7 +71,8 @@ class PrefillRankWorker:
     """Ray actor class (plain; resources and placement come from orchestrator/deploy.py)."""
 
     def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape, kv_backend: str,
-                 kv_token: str, layerwise: bool = True, num_threads: int = 1):
+                 kv_token: str, layerwise: bool = True, num_threads: int = 1, use_gpu: bool = False):
+        """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it."""
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self.rank = rank
@@ -66,6 +82,8 @@ class PrefillRankWorker:
         self._kv_backend = kv_backend
         self._kv_token = kv_token
         self._layerwise = layerwise
+        self._use_gpu = use_gpu
+        self._device = torch.device("cpu")
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-rank")
         self._thread: threading.Thread | None = None
         self._num_steps = 0
@@ -75,16 +93,20 @@ class PrefillRankWorker:
         if self._thread is not None:
             raise RuntimeError(f"{self.replica_id} rank {self.rank} already belongs to a world; restart the actor")
         loop = asyncio.get_running_loop()
+        self._device = actor_device(self._use_gpu)
+        bind_thread(self._device)  # the event loop packs each layer's KV and records events for the transport
         group, model, layout = await loop.run_in_executor(
-            self._executor, join_and_load, self._model_path, self._dtype, self._shape, self.rank, rendezvous)
+            self._executor, functools.partial(join_and_load, self._model_path, self._dtype, self._shape, self.rank,
+                                              rendezvous, device=self._device))
         sender = RankKVSender(get_transport(self._kv_backend).make_client(token=self._kv_token), layout, self.rank)
         core = PrefillRankCore(model, sender, loop, layerwise=self._layerwise)
         self._thread = threading.Thread(target=self._serve_steps, args=(group, core), daemon=True,
                                         name=f"prefill-rank{self.rank}-steps")
         self._thread.start()
-        return {"rank": self.rank, "node_ip": node_host()}
+        return {"rank": self.rank, "node_ip": node_host(), "device": str(self._device)}
 
     def _serve_steps(self, group: RankGroup, core: PrefillRankCore) -> None:
+        bind_thread(self._device)
         while True:
             try:
                 step = group.broadcast()
@@ -110,4 +132,4 @@ class PrefillRankWorker:
         return self._thread is not None and self._thread.is_alive()
 
     async def get_stats(self) -> dict:
-        return {"rank": self.rank, "num_steps": self._num_steps}
+        return {"rank": self.rank, "num_steps": self._num_steps, "device": str(self._device)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -25,11 +26,12 @@ import torch
 from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
 from mesh.parallel import MeshShape
+from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
 from mesh.sampling import SamplingParams
 from prefill_tier.batcher import PrefillBatcher
 from prefill_tier.rank_step import PrefillRankCore, PrefillStep, RankOutcome
-from prefill_tier.rank_worker import join_and_load, node_host
+from prefill_tier.rank_worker import actor_device, join_and_load, node_host
 
 log = logging.getLogger("pdcluster.prefill")
 
@@ -49,11 +51,12 @@ class _Work:
 
 class PrefillReplica:
     """Rank 0 of a prefill replica (the whole replica when its mesh has one rank). `workers`: the actor handles of
-    ranks 1..world-1 (prefill_tier/rank_worker.py), in rank order; `start` brings the mesh up."""
+    ranks 1..world-1 (prefill_tier/rank_worker.py), in rank order; `start` brings the mesh up. `use_gpu`: the tier
+    asks for num_gpus: every rank computes on its own GPU and the model's collectives use NCCL."""
 
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, max_batch_tokens: int, max_batch_seqs: int,
                  kv_backend: str, kv_token: str, layerwise: bool = True, num_threads: int = 1,
-                 mesh: MeshShape | None = None, workers: Sequence = ()):
+                 mesh: MeshShape | None = None, workers: Sequence = (), use_gpu: bool = False):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self._model_path = model_path
@@ -61,6 +64,9 @@ class PrefillReplica:
         self._kv_backend = kv_backend
         self._kv_token = kv_token
         self._layerwise = layerwise
+        self._use_gpu = use_gpu
+        self._device = torch.device("cpu")
+        self._device_id = "cpu"
         self._shape = mesh or MeshShape()
         self._workers = list(workers)
         if len(self._workers) != self._shape.world_size - 1:
@@ -86,13 +92,17 @@ class PrefillReplica:
 
     async def _bring_up(self):
         loop = asyncio.get_running_loop()
+        self._device = actor_device(self._use_gpu)
+        self._device_id = device_identity(self._device)
+        bind_thread(self._device)  # the event loop packs each layer's KV and records events for the transport
         rendezvous = store = None
         worker_starts = []
         if self._workers:
-            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size)
+            rendezvous, store = open_rendezvous(node_host(), self._shape.world_size,
+                                                backend=collective_backend(self._device))
             worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
-        joining = loop.run_in_executor(self._executor, join_and_load, self._model_path, self._dtype, self._shape, 0,
-                                       rendezvous, store)
+        joining = loop.run_in_executor(self._executor, functools.partial(
+            join_and_load, self._model_path, self._dtype, self._shape, 0, rendezvous, store, device=self._device))
         # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
         done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -101,6 +111,8 @@ class PrefillReplica:
                                    f"{task.exception()}") from task.exception()
         await asyncio.gather(joining, *worker_starts)
         group, model, layout = joining.result()
+        log.info("prefill replica %s (%d rank(s)) on %s, %s", self.replica_id, self._shape.world_size, self._device,
+                 self._dtype)
         client = get_transport(self._kv_backend).make_client(token=self._kv_token)
         self._client = client
         core = PrefillRankCore(model, RankKVSender(client, layout, 0), loop, layerwise=self._layerwise)
@@ -137,6 +149,8 @@ class PrefillReplica:
             "num_queued_tokens": self._batcher.num_queued_tokens,
             "num_running": self._num_running,
             "num_batches": self._num_batches,
+            "device": str(self._device),
+            "device_id": self._device_id,  # the GPU's UUID: tells apart GPUs that every actor calls cuda:0
         }
 
     async def get_stats(self) -> dict:

@@ -53,7 +53,9 @@ def ray_address():
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--include-dashboard=false",
                f"--port={port}", f"--num-gpus={NUM_GPUS}", "--num-cpus=8", "--block"]
     head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            # one machine: KV traffic on loopback, as the session's `ray_local` instance does
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PDCLUSTER_KV_HOST": "127.0.0.1",
+                                 "UCX_NET_DEVICES": "lo"})
     output: list[str] = []
     started = threading.Event()
 

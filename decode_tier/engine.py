@@ -118,7 +118,14 @@ class DecodeEngine:
         # One tensor per layer: [num_blocks, 2, block_size, num_kv_heads_local, head_dim].
         self.kv_cache: list[torch.Tensor] = allocate_kv_cache(model, num_blocks=num_blocks, block_size=block_size)
         self.device = self.kv_cache[0].device
-        self.runner = StepRunner(model, self.kv_cache, max_num_seqs)
+        if peers is None and self.device.type == "cuda" and model.dims.world_size == 1 and not model.config.is_moe:
+            # One GPU: fused weights, Triton paged-attention decode, one CUDA graph per batch-size bucket.
+            from mesh.gpu_step_runner import GpuStepRunner
+
+            self.runner = GpuStepRunner(model, self.kv_cache, max_num_seqs,
+                                        max_model_len=model.config.max_position_embeddings)
+        else:
+            self.runner = StepRunner(model, self.kv_cache, max_num_seqs)
         self._peers = peers
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()  # one step at a time, whoever calls it

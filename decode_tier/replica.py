@@ -31,7 +31,8 @@ import torch
 from decode_tier.block_pool import OutOfBlocks
 from decode_tier.engine import DecodeEngine
 from decode_tier.kv_sizing import KVCacheSize
-from decode_tier.rank_worker import CacheSettings, MeshStepPeers, actor_device, join_and_load, node_host
+from decode_tier.rank_worker import CacheSettings, MeshStepPeers, join_and_load
+from mesh.rank_device import actor_device, node_host
 from kv_transfer.mesh_layout import PrefillLayout
 from kv_transfer.mesh_session import MeshReservation, RankKVReceiver
 from kv_transfer.transport import TransferStats, get_transport

@@ -3,7 +3,8 @@
 Who calls it: the tier rank actors (prefill_tier, decode_tier), once at start-up, with the GPU ids Ray assigned to
 the actor (`ray.get_gpu_ids()`; empty for a CPU tier). Ray restricts `CUDA_VISIBLE_DEVICES` of an actor that asks
 for `num_gpus` to its own GPUs, so the assigned GPU is usually `cuda:0` inside the actor; this module maps the id
-through `CUDA_VISIBLE_DEVICES` so it stays right when Ray is told not to set it. Torch only, no Ray.
+through `CUDA_VISIBLE_DEVICES` so it stays right when Ray is told not to set it. Torch only at import; the two
+helpers at the end ask Ray lazily, and only inside a rank actor.
 """
 
 from __future__ import annotations
@@ -67,3 +68,27 @@ def device_identity(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return str(getattr(torch.cuda.get_device_properties(device), "uuid", f"cuda:{device.index}"))
+
+
+# model.dtype in cluster.yaml -> torch dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def node_host() -> str:
+    """The address other ranks and tiers reach this process on: PDCLUSTER_KV_HOST (a one-machine deployment keeps
+    traffic on loopback, orchestrator/deploy.py sets it), else this node's IP as Ray sees it."""
+    host = os.environ.get("PDCLUSTER_KV_HOST")
+    if host:
+        return host
+    import ray  # only the actor's own node knows its address
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+
+
+def actor_device(use_gpu: bool) -> torch.device:
+    """This rank actor's device: the GPU Ray assigned it when the tier asks for num_gpus, else the CPU."""
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray  # only the actor knows which GPU it was given
+
+    return rank_device(ray.get_gpu_ids(), use_gpu=True)

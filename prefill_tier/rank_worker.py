@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import os
 import threading
 
 import torch
@@ -23,34 +22,11 @@ from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
 from mesh.model import CausalLM
 from mesh.parallel import MeshShape
-from mesh.rank_device import bind_thread, rank_device
+from mesh.rank_device import DTYPES, actor_device, bind_thread, node_host
 from mesh.rank_group import RankGroup, Rendezvous, join_mesh
 from prefill_tier.rank_step import PrefillRankCore, RankOutcome
 
 log = logging.getLogger("pdcluster.prefill")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def node_host() -> str:
-    """The address other ranks and tiers reach this process on: PDCLUSTER_KV_HOST (a one-machine deployment keeps
-    traffic on loopback, orchestrator/deploy.py sets it), else this node's IP as Ray sees it."""
-    host = os.environ.get("PDCLUSTER_KV_HOST")
-    if host:
-        return host
-    import ray  # only the actor's own node knows its address
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
-def actor_device(use_gpu: bool) -> torch.device:
-    """This rank actor's device: the GPU Ray assigned it when the tier asks for num_gpus, else the CPU."""
-    if not use_gpu:
-        return torch.device("cpu")
-    import ray  # only the actor knows which GPU it was given
-
-    return rank_device(ray.get_gpu_ids(), use_gpu=True)
-
 
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
                   store=None, *, device: torch.device | None = None,

@@ -31,7 +31,8 @@ from mesh.rank_group import open_rendezvous
 from mesh.sampling import SamplingParams
 from prefill_tier.batcher import PrefillBatcher
 from prefill_tier.rank_step import PrefillRankCore, PrefillStep, RankOutcome
-from prefill_tier.rank_worker import actor_device, join_and_load, node_host
+from mesh.rank_device import actor_device, node_host
+from prefill_tier.rank_worker import join_and_load
 
 log = logging.getLogger("pdcluster.prefill")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from mesh import comm
 from mesh.cp_heuristic import choose_cp_mode_for_batch, validate_cp_mode
 from mesh.cp_sharding import PADDING, CPShardPlan, shard, shard_plan
 
@@ -94,5 +94,5 @@ class CPStep:
         out = hidden.new_zeros((packed_rows.numel(), hidden.shape[1]))
         out[is_mine] = hidden[local[is_mine]]
         if self.plan.cp_size > 1:
-            dist.all_reduce(out, group=self.group)
+            comm.all_reduce(out, group=self.group, kind="cp_row_gather")
         return out

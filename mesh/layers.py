@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mesh import comm
+
 
 def full_shape(full: Any) -> tuple[int, ...]:
     """Shape of a torch tensor or of a safetensors slice (which has get_shape() instead of .shape)."""
@@ -116,7 +118,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.group is not None:
-            dist.all_reduce(y, group=self.group)
+            comm.all_reduce(y, group=self.group, kind="tp_allreduce")
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -152,7 +154,7 @@ class VocabParallelEmbedding(nn.Module):
         is_mine = (local_ids >= 0) & (local_ids < self.vocab_size_local)
         embeddings = F.embedding(torch.where(is_mine, local_ids, 0), self.weight)
         embeddings = embeddings * is_mine.unsqueeze(-1).to(embeddings.dtype)
-        dist.all_reduce(embeddings, group=self.group)
+        comm.all_reduce(embeddings, group=self.group, kind="tp_allreduce")
         return embeddings
 
 
@@ -190,7 +192,7 @@ class ParallelLMHead(nn.Module):
         if self.group is None:
             return logits
         slices = [torch.empty_like(logits) for _ in range(self.tp_size)]
-        dist.all_gather(slices, logits.contiguous(), group=self.group)
+        comm.all_gather(slices, logits.contiguous(), group=self.group, kind="tp_allgather")
         return torch.cat(slices, dim=-1)
 
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mesh import comm
 from mesh.config import ModelConfig
 from mesh.layers import check_full, copy_into, empty_param, group_rank_size
 from mesh.parallel import ParallelDims
@@ -104,7 +104,8 @@ class SparseMoE(nn.Module):
             out = x.new_zeros(x.shape)
             out[rows] = self._local_moe(x[rows])
             if self.reduce_group is not None:
-                dist.all_reduce(out, group=self.reduce_group)  # partial sums over the tp-split intermediate dim
+                # Partial sums over the tp-split intermediate dim.
+                comm.all_reduce(out, group=self.reduce_group, kind="tp_allreduce")
             return out
         replica_rank, replica_size = group_rank_size(replica_group)
         chunk = -(-rows.numel() // replica_size)
@@ -117,7 +118,7 @@ class SparseMoE(nn.Module):
         padded = x.new_zeros((chunk, x.shape[1]))
         padded[:mine_out.shape[0]] = mine_out
         slices = [torch.empty_like(padded) for _ in range(replica_size)]
-        dist.all_gather(slices, padded, group=replica_group)
+        comm.all_gather(slices, padded, group=replica_group, kind="ep_allgather")
         out[rows] = torch.cat(slices)[:rows.numel()]
         return out
 
@@ -141,15 +142,17 @@ class SparseMoE(nn.Module):
         send_counts = torch.bincount(pair_experts, minlength=self.num_experts)  # per expert, in expert order
         recv_counts = torch.empty_like(send_counts)
         # recv_counts[j * E_local + e]: pairs rank j sends to my local expert e.
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        comm.all_to_all_single(recv_counts, send_counts, group=self.ep_group, kind="ep_all_to_all")
         send_splits = send_counts.view(self.ep_size, -1).sum(dim=1).tolist()
         recv_splits = recv_counts.view(self.ep_size, -1).sum(dim=1).tolist()
         received = x.new_empty((sum(recv_splits), x.shape[1]))
-        dist.all_to_all_single(received, x[pair_tokens].contiguous(), recv_splits, send_splits, group=self.ep_group)
+        comm.all_to_all_single(received, x[pair_tokens].contiguous(), recv_splits, send_splits, group=self.ep_group,
+                               kind="ep_all_to_all")
         local_ids = torch.arange(self.num_local_experts, device=x.device).repeat(self.ep_size)
         expert_out = self._run_experts(received, local_ids.repeat_interleave(recv_counts))
         returned = x.new_empty((pair_tokens.numel(), x.shape[1]))
-        dist.all_to_all_single(returned, expert_out, send_splits, recv_splits, group=self.ep_group)
+        comm.all_to_all_single(returned, expert_out, send_splits, recv_splits, group=self.ep_group,
+                               kind="ep_all_to_all")
         return self._combine(x, pair_tokens, returned, pair_weights)
 
     def _run_experts(self, x: torch.Tensor, local_expert_ids: torch.Tensor) -> torch.Tensor:

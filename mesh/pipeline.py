@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
+from mesh import comm
 from mesh.attention import AttentionBatch
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def run_pipeline(model: CausalLM, micro_batches: list[MicroBatch], kv_cache: lis
     if not dims.is_first_stage:
         for index, step in enumerate(steps):
             buffer = torch.empty((step.num_rows, hidden_size), dtype=model.dtype, device=model.device)
-            work = dist.irecv(buffer, group=dims.pp_group, group_src=dims.pp_rank - 1, tag=index)
+            work = comm.irecv(buffer, group=dims.pp_group, group_src=dims.pp_rank - 1, tag=index)
             received.append((buffer, work))
     outputs: list[torch.Tensor | None] = []
     sends = []
@@ -70,7 +70,7 @@ def run_pipeline(model: CausalLM, micro_batches: list[MicroBatch], kv_cache: lis
             outputs.append(model.compute_logits(h, step))
         else:
             h = h.contiguous()
-            sends.append((h, dist.isend(h, group=dims.pp_group, group_dst=dims.pp_rank + 1, tag=index)))
+            sends.append((h, comm.isend(h, group=dims.pp_group, group_dst=dims.pp_rank + 1, tag=index, kind="pp_send")))
             outputs.append(None)
     for _, work in sends:
         work.wait()
@@ -133,7 +133,8 @@ def broadcast_logits(model: CausalLM, logits: torch.Tensor | None, num_rows: int
         buffer = logits.contiguous()
     else:
         buffer = torch.empty((num_rows, model.config.vocab_size), dtype=torch.float32, device=model.device)
-    dist.broadcast(buffer, group=dims.pp_group, group_src=dims.pp_size - 1)
+    # Counted with the stage hand-offs; the tier steps do not call this (they sample on the last stage).
+    comm.broadcast(buffer, group=dims.pp_group, group_src=dims.pp_size - 1, kind="pp_send")
     return buffer
 
 

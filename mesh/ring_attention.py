@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from mesh import comm
 from mesh.cp_sharding import PADDING, CPShardPlan
 
 CP_RING_MODES = ("pass-kv", "pass-q")
@@ -178,7 +179,8 @@ def _pass_q(q, k, v, cached_k, cached_v, plan, rank, cp_size, group, q_seq, q_po
             q_block = incoming
     if cp_size > 1:
         returned = torch.empty_like(partials)
-        dist.all_to_all_single(returned, partials, group=group)  # returned[j]: rank j's partial for my queries
+        # returned[j]: rank j's partial for my queries.
+        comm.all_to_all_single(returned, partials, group=group, kind="cp_all_to_all")
     else:
         returned = partials
     return _merge_many(returned[..., :head_dim], returned[..., head_dim])
@@ -221,11 +223,8 @@ def _build_key_metadata(plan: CPShardPlan, rank: int, num_cached_rows: int,
 def _post_ring_exchange(send: torch.Tensor, recv: torch.Tensor, rank: int, cp_size: int,
                         group: dist.ProcessGroup | None) -> list:
     """Posts send -> rank+1 and recv <- rank-1 (group ranks) and returns at once; the caller waits later."""
-    ops = [
-        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + 1) % cp_size),
-        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % cp_size),
-    ]
-    return dist.batch_isend_irecv(ops)
+    return comm.exchange(send, recv, group=group, send_peer=(rank + 1) % cp_size, recv_peer=(rank - 1) % cp_size,
+                         kind="cp_ring")
 
 
 def _wait_all(works: list) -> None:

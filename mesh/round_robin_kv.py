@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Hashable
 
 import torch
-import torch.distributed as dist
 
+from mesh import comm
 from mesh.cp_sharding import PADDING, CPShardPlan
 
 
@@ -94,7 +94,8 @@ class RoundRobinKVStore:
                 parts = [local]
             else:
                 parts = [torch.empty_like(local) for _ in range(self.cp_size)]
-                dist.all_gather(parts, local, group=group)
+                # Not part of a forward step (the tiers do not call it); counted with the store's traffic.
+                comm.all_gather(parts, local, group=group, kind="cp_kv_exchange")
             # Row j of rank r is position j * cp + r: stacking ranks on dim 1 and flattening interleaves them.
             whole = torch.stack(parts, dim=1).flatten(0, 1)[:length]
             out.append((whole[:, 0], whole[:, 1]))
@@ -179,8 +180,8 @@ class StoreStep:
             incoming.copy_(outgoing)
             work = None
         else:
-            work = dist.all_to_all_single(incoming, outgoing, ex.recv_splits, ex.send_splits, group=self.group,
-                                          async_op=True)
+            work = comm.all_to_all_single(incoming, outgoing, ex.recv_splits, ex.send_splits, group=self.group,
+                                          kind="cp_kv_exchange", async_op=True)
         self._pending.append((layer, incoming, work))
 
     def commit(self) -> None:

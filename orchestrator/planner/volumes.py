@@ -1,7 +1,7 @@
 """Closed-form communication volumes: the project's own pattern, and the seeds' formulas beside it.
 
-Who calls it: the cost model (bytes per collective, to turn into seconds), the tests, and later the mesh's
-communication accounting, whose counted bytes must equal `step_volumes` exactly (docs/planner.md sets the forms
+Who calls it: the cost model (bytes per collective, to turn into seconds), the tests, and the mesh's
+communication accounting (mesh/comm.py), whose counted bytes must equal `step_volumes` exactly (docs/planner.md sets the forms
 out and explains every difference from the seeds').
 
 What is counted ("payload"): the bytes of the tensors a rank hands to a collective, summed over the ranks of the
@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from mesh.comm import COMM_KINDS  # noqa: F401  (re-exported: the kinds the mesh counts)
 from mesh.parallel import MeshShape
 
 from orchestrator.planner.model_shape import ModelShape
 
-COMM_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "cp_ring", "cp_all_to_all", "cp_row_gather",
-              "cp_kv_exchange", "ep_all_to_all", "ep_allgather")
 _COUNT_BYTES = 8  # MoE routing counts travel as int64
 
 

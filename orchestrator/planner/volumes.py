@@ -34,11 +34,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from mesh.comm import COMM_KINDS  # noqa: F401  (re-exported: the kinds the mesh counts)
 from mesh.parallel import MeshShape
 
 from orchestrator.planner.model_shape import ModelShape
 
+# The kinds mesh/comm.py counts (kept equal by a test; defined here too so the planner imports without torch).
+COMM_KINDS = ("tp_allreduce", "tp_allgather", "pp_send", "cp_ring", "cp_all_to_all", "cp_row_gather",
+              "cp_kv_exchange", "ep_all_to_all", "ep_allgather")
 _COUNT_BYTES = 8  # MoE routing counts travel as int64
 
 

@@ -83,6 +83,8 @@ class TierSection:
     max_num_seqs: int = 64
     max_restarts: int = 3  # Ray restarts a dead replica this many times
     placement: str = "pack"  # a replica's ranks on one node ("pack", the default) or across nodes ("spread")
+    # Optional SLO autoscaling of this tier's replica count (orchestrator/autoscale_config.py); None: fixed count.
+    autoscale: "AutoscaleSection | None" = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,7 +247,8 @@ def _parse_logging(raw: dict) -> LoggingSection:
 def _parse_tier(raw: dict, name: str) -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
-               "num_kv_blocks", "gpu_memory_fraction", "block_size", "max_num_seqs", "max_restarts", "placement")
+               "num_kv_blocks", "gpu_memory_fraction", "block_size", "max_num_seqs", "max_restarts", "placement",
+               "autoscale")
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -277,8 +280,16 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
         max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),
         placement=_str(raw, "placement", p, "pack", ("pack", "spread")),
+        autoscale=_parse_autoscale(raw.get("autoscale"), name, replicas=replicas, tier_min=min_replicas,
+                                   tier_max=max_replicas),
     )
     return tier
+
+
+def _parse_autoscale(raw, name: str, **bounds):
+    from orchestrator.autoscale_config import parse_autoscale  # lazy: that module builds on the helpers above
+
+    return parse_autoscale(raw, name, **bounds)
 
 
 def _path(section: dict, key: str, prefix: str, base_dir: Path | None) -> str | None:

@@ -22,6 +22,8 @@ from kv_transfer.mesh_session import MeshReservation, RankKVSender
 from mesh.model import AttentionBatch, CausalLM
 from mesh.pipeline import run_pipeline, split_micro_batches
 from mesh.sampling import SamplingParams, sample
+from prefill_tier.prefix_cache import PrefixStepPlan
+from prefill_tier.prefix_store import PrefixKVStore
 
 log = logging.getLogger("pdcluster.prefill")
 
@@ -37,12 +39,23 @@ class PrefillStep:
     prompts: tuple[tuple[int, ...], ...]
     params: tuple[SamplingParams, ...]
     reservations: tuple[MeshReservation | None, ...]
+    # The prefix cache's decisions for this step (prefill_tier/prefix_cache.py); None: the replica has no cache.
+    prefix: PrefixStepPlan | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.request_ids) == len(self.prompts) == len(self.params) == len(self.reservations)):
             raise ValueError("PrefillStep: request_ids, prompts, params and reservations differ in length")
         if not self.request_ids or any(len(p) == 0 for p in self.prompts):
             raise ValueError("PrefillStep: needs at least one request, each with at least one prompt token")
+        if self.prefix is not None:
+            if len(self.prefix.store_keys) != len(self.prompts):
+                raise ValueError("PrefillStep: the prefix plan does not have one entry per request")
+            if any(c >= len(p) for c, p in zip(self.prefix.num_cached_tokens, self.prompts)):
+                raise ValueError("PrefillStep: a request's cached prefix must leave at least one token to compute")
+
+    def num_cached(self, index: int) -> int:
+        """Prompt tokens of request `index` that come from the prefix cache (not computed in this step)."""
+        return 0 if self.prefix is None else self.prefix.num_cached_tokens[index]
 
 
 @dataclass(kw_only=True)
@@ -76,6 +89,11 @@ class PrefillRankCore:
         self.holds_logits = self.rank == logits_rank(self.layout)
         self._loop = loop
         self._layerwise = layerwise
+        self._prefix_store: PrefixKVStore | None = None  # made at the first step that carries a prefix plan
+
+    @property
+    def prefix_store(self) -> PrefixKVStore | None:
+        return self._prefix_store
 
     def run(self, step: PrefillStep) -> RankOutcome:
         """The step on this rank; never raises for one request's KV failure (reported in `errors`)."""
@@ -91,7 +109,20 @@ class PrefillRankCore:
             else:
                 held.append((index, layer, k, v))
 
-        logits = self._forward(step, ship)
+        if step.prefix is not None:
+            if self._prefix_store is None:
+                self._prefix_store = PrefixKVStore.for_model(self.model)
+            self._prefix_store.before_step(step.prefix)
+        try:
+            logits = self._forward(step, ship)
+            if step.prefix is not None and self.layout.cp > 1:
+                self._ship_cached_cp(step, ship)
+        except BaseException:
+            if step.prefix is not None:
+                self._prefix_store.discard_step(step.prefix)
+            raise
+        if step.prefix is not None:
+            self._prefix_store.after_step(step.prefix)
         if self.holds_logits:
             outcome.first_tokens = sample(logits, list(step.params), [0] * len(step.params)).tolist()
         outcome.forward_s = time.perf_counter() - started
@@ -134,11 +165,17 @@ class PrefillRankCore:
 
     @torch.inference_mode()
     def _forward(self, step: PrefillStep, ship) -> torch.Tensor | None:
-        lengths = [len(p) for p in step.prompts]
-        input_ids = torch.tensor([t for p in step.prompts for t in p], dtype=torch.long, device=self.model.device)
-        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]).to(self.model.device)
-        batch = AttentionBatch(query_lens=lengths, context_lens=[0] * len(lengths), block_tables=None,
-                               logits_indices=AttentionBatch.last_token_indices(lengths, self.model.device))
+        # With a prefix cache, each request computes only the tokens after its cached prefix, against the store.
+        cached = [step.num_cached(i) for i in range(len(step.prompts))]
+        lengths = [len(p) - c for p, c in zip(step.prompts, cached)]
+        input_ids = torch.tensor([t for p, c in zip(step.prompts, cached) for t in p[c:]], dtype=torch.long,
+                                 device=self.model.device)
+        positions = torch.cat([torch.arange(c, len(p), dtype=torch.long)
+                               for p, c in zip(step.prompts, cached)]).to(self.model.device)
+        seq_keys = list(step.prefix.store_keys) if step.prefix is not None else None
+        batch = AttentionBatch(query_lens=lengths, context_lens=cached, block_tables=None,
+                               logits_indices=AttentionBatch.last_token_indices(lengths, self.model.device),
+                               seq_keys=seq_keys)
         num_micro_batches = min(self.layout.pp, len(lengths))
         # Micro-batches keep the pipeline stages busy; each holds whole sequences, each gets its own hook.
         micro_batches, order = split_micro_batches(input_ids, positions, batch, num_micro_batches)
@@ -147,7 +184,7 @@ class PrefillRankCore:
             num_seqs = len(micro_batch.batch.query_lens)
             micro_batch.layer_hook = self._hook(step, first_seq, micro_batch.batch.query_lens, ship)
             first_seq += num_seqs
-        outputs = run_pipeline(self.model, micro_batches, None)
+        outputs = run_pipeline(self.model, micro_batches, None, cp_store=self._prefix_store if seq_keys else None)
         if outputs[0] is None:
             return None
         return torch.cat(outputs)[order.to(outputs[0].device)]
@@ -160,6 +197,9 @@ class PrefillRankCore:
         def hook(layer: int, k: torch.Tensor, v: torch.Tensor, rows=None) -> None:
             for local in shipping:
                 index = first_seq + local
+                num_cached = step.num_cached(index)
+                if num_cached and self.layout.cp > 1:
+                    continue  # its whole prompt leaves from the store after the forward (_ship_cached_cp)
                 if rows is None:  # every token of the step, packed in order
                     span = slice(offsets[local], offsets[local] + query_lens[local])
                 else:  # CP shard: this rank's real rows, sequence by sequence, in shard order
@@ -168,11 +208,33 @@ class PrefillRankCore:
                         span = slice(0, 0)
                     else:
                         span = slice(int(mine[0]), int(mine[-1]) + 1)
-                        if not self._cp_rows_match(rows.positions[span], len(step.prompts[index]), layer):
+                        positions = rows.positions[span].cpu()
+                        if num_cached:  # cp == 1: the cached prefix goes first, positions 0..num_cached-1
+                            positions = torch.cat([torch.arange(num_cached, dtype=positions.dtype), positions])
+                        if not self._cp_rows_match(positions, len(step.prompts[index]), layer):
                             continue  # not shipped: finish() fails this request, never the whole step
+                if num_cached:  # the decode side gets the whole prompt, as if all of it had been computed here
+                    cached_k, cached_v = self._prefix_store.rows(step.prefix.store_keys[index],
+                                                                 layer - self.model.layer_range.start)
+                    ship(index, layer, torch.cat([cached_k, k[span]]), torch.cat([cached_v, v[span]]))
+                    continue
                 ship(index, layer, k[span], v[span])
 
         return hook
+
+    @torch.inference_mode()
+    def _ship_cached_cp(self, step: PrefillStep, ship) -> None:
+        """cp > 1: a request that reused a cached prefix holds its prompt in the store's round-robin layout, not in
+        the load-balanced shard the transfer plan expects; rebuild the whole prompt on every cp rank (collective,
+        same order on every rank) and ship this rank's shard rows of it. Not layer-by-layer, but exact."""
+        for index, key in enumerate(step.prefix.store_keys):
+            if not step.num_cached(index) or step.reservations[index] is None:
+                continue
+            whole = self._prefix_store.gather(key, self.model.dims.cp_group)
+            wanted = self.layout.token_positions(self.rank, len(step.prompts[index]))
+            wanted = wanted[wanted >= 0].to(self.model.device)
+            for local_layer, (k, v) in enumerate(whole):
+                ship(index, self.model.layer_range[local_layer], k[wanted], v[wanted])
 
     def _cp_rows_match(self, positions: torch.Tensor, num_tokens: int, layer: int) -> bool:
         # The planner assumes the model's CP shard order; a disagreement would scatter KV to the wrong slots.

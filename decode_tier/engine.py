@@ -1,7 +1,8 @@
 """DecodeEngine: continuous batching of decode steps over a paged KV cache, for one decode replica rank.
 
 Who calls it: the decode replica actor (decode_tier/replica.py). From its event loop thread it calls reserve()
-(router asks for KV space), admit() (every layer of the prompt's KV has landed in the blocks), abort() (cancel,
+(router asks for KV space), admit() (every layer of the prompt's KV has landed in the blocks), add_prompt() (local
+prefill: the replica prefills the prompt itself, in chunks mixed into its decode steps), abort() (cancel,
 deadline, lease expiry) and reads the counters; from one worker thread it calls step() in a loop while
 has_work(). The transport writes each request's prompt KV straight into `kv_cache` at the block ids reserve()
 returned.
@@ -33,7 +34,19 @@ from mesh.model import AttentionBatch, CausalLM
 from mesh.pipeline import forward_micro_batched
 from mesh.sampling import SamplingParams, sample
 
-__all__ = ["DecodeEngine", "FinishReason", "OutOfBlocks", "StepOutput", "StepPeers", "StepRunner"]
+__all__ = ["DecodeEngine", "FinishReason", "OutOfBlocks", "StepOutput", "StepPeers", "StepRunner",
+           "default_max_step_tokens"]
+
+# Tokens one engine step feeds when cluster.yaml leaves decode.max_step_tokens unset: large enough that a prompt
+# chunk amortises the weight reads, small enough that a step with a chunk stays short next to a decode-only step.
+CPU_MAX_STEP_TOKENS = 512
+GPU_MAX_STEP_TOKENS = 2048
+
+
+def default_max_step_tokens(device: torch.device | str, max_num_seqs: int) -> int:
+    """The step token budget for a device type, at least 2 x max_num_seqs (decode rows go first)."""
+    base = GPU_MAX_STEP_TOKENS if torch.device(device).type == "cuda" else CPU_MAX_STEP_TOKENS
+    return max(base, 2 * max_num_seqs)
 
 
 class StepPeers(Protocol):
@@ -67,8 +80,11 @@ class StepRunner:
 
     @torch.inference_mode()
     def run(self, plan: DecodePlan, *, sample_tokens: bool = True) -> list[int] | None:
-        """The batched forward (query length 1 per sequence; the model writes each new token's K/V into its
-        block), then the sampling when `sample_tokens` and this rank holds the logits (None otherwise)."""
+        """The batched forward (the model writes each fed token's K/V into its block before attention reads it),
+        then the sampling when `sample_tokens` and this rank holds the logits (None otherwise): one token per
+        sequence of the plan, -1 where the plan samples nothing (a prompt chunk that does not end its prompt)."""
+        if not plan.is_decode_only:
+            return self._run_mixed(plan, sample_tokens=sample_tokens)
         num_seqs = len(plan)
         input_ids = self._input_ids[:num_seqs]
         positions = self._positions[:num_seqs]
@@ -90,6 +106,40 @@ class StepRunner:
             return None
         return sample(logits, list(plan.params), list(plan.output_indices)).tolist()
 
+    def _run_mixed(self, plan: DecodePlan, *, sample_tokens: bool) -> list[int] | None:
+        """A step with prompt chunks (local prefill): one packed forward over decode rows and chunks alike; each
+        sequence's last fed token gives logits, and only the rows the plan samples are sampled."""
+        device = self.kv_cache[0].device
+        input_ids = torch.tensor(plan.input_token_ids, dtype=torch.long, device=device)
+        positions = torch.tensor(plan.positions, dtype=torch.long, device=device)
+        batch = AttentionBatch(
+            query_lens=list(plan.query_lens),
+            context_lens=list(plan.context_lens),
+            block_tables=[list(table) for table in plan.block_tables],
+            # Every sequence's last row (not only the sampled ones): no micro-batch is left without logits.
+            logits_indices=AttentionBatch.last_token_indices(list(plan.query_lens), device),
+        )
+        if self.model.dims.pp_size > 1:
+            logits = forward_micro_batched(self.model, input_ids, positions, batch, self.kv_cache,
+                                           num_micro_batches=min(self.model.dims.pp_size, len(plan)))
+        else:
+            logits = self.model(input_ids, positions, batch, self.kv_cache)
+        if not sample_tokens or logits is None:
+            return None
+        return sample_rows(logits, plan)
+
+
+def sample_rows(logits: torch.Tensor, plan: DecodePlan) -> list[int]:
+    """Sample the rows of `logits` (one per sequence of `plan`, in order) that the plan samples; -1 elsewhere."""
+    rows = [i for i, is_sampled in enumerate(plan.is_sampled) if is_sampled]
+    tokens = [-1] * len(plan)
+    if rows:
+        picked = logits[torch.tensor(rows, device=logits.device)]
+        sampled = sample(picked, [plan.params[i] for i in rows], [plan.output_indices[i] for i in rows]).tolist()
+        for i, token in zip(rows, sampled):
+            tokens[i] = token
+    return tokens
+
 
 class DecodeEngine:
     """Owns one rank's KV cache (allocated once), the block pool and the running batch.
@@ -101,11 +151,16 @@ class DecodeEngine:
     """
 
     def __init__(self, model: CausalLM, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 peers: StepPeers | None = None) -> None:
-        """peers: the other ranks of a multi-rank replica (None: this rank is the whole replica)."""
+                 peers: StepPeers | None = None, max_step_tokens: int | None = None) -> None:
+        """peers: the other ranks of a multi-rank replica (None: this rank is the whole replica). max_step_tokens:
+        tokens fed per step, decode rows first and prompt chunks of local prefills in the rest (None:
+        default_max_step_tokens for the model's device)."""
         self.model = model
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
+        if max_step_tokens is None:
+            max_step_tokens = default_max_step_tokens(model.device, max_num_seqs)
+        self.max_step_tokens = max_step_tokens
         self.scheduler = DecodeScheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
@@ -113,17 +168,21 @@ class DecodeEngine:
                 max_num_seqs=max_num_seqs,
                 max_model_len=model.config.max_position_embeddings,
                 eos_token_ids=tuple(model.config.eos_token_ids),
+                max_step_tokens=max_step_tokens,
             )
         )
         # One tensor per layer: [num_blocks, 2, block_size, num_kv_heads_local, head_dim].
         self.kv_cache: list[torch.Tensor] = allocate_kv_cache(model, num_blocks=num_blocks, block_size=block_size)
         self.device = self.kv_cache[0].device
         if peers is None and self.device.type == "cuda" and model.dims.world_size == 1 and not model.config.is_moe:
-            # One GPU: fused weights, Triton paged-attention decode, one CUDA graph per batch-size bucket.
+            # One GPU: fused weights, Triton paged-attention decode, one CUDA graph per batch-size bucket; steps with
+            # prompt chunks (local prefill) add GpuDecoder.prefill's varlen FlashAttention for the chunks.
+            from decode_tier.gpu_chunked_runner import GpuChunkedStepRunner
             from mesh.gpu_step_runner import GpuStepRunner
 
-            self.runner = GpuStepRunner(model, self.kv_cache, max_num_seqs,
-                                        max_model_len=model.config.max_position_embeddings)
+            self.runner = GpuChunkedStepRunner(GpuStepRunner(model, self.kv_cache, max_num_seqs,
+                                                             max_model_len=model.config.max_position_embeddings),
+                                               self.kv_cache)
         else:
             self.runner = StepRunner(model, self.kv_cache, max_num_seqs)
         self._peers = peers
@@ -151,6 +210,14 @@ class DecodeEngine:
         twice or the prompt length differs from the reservation."""
         with self._lock:
             return self.scheduler.admit(request_id, prompt_token_ids, first_token)
+
+    def add_prompt(self, request_id: str, prompt_token_ids: SequenceOf[int], params: SamplingParams) -> list[int]:
+        """Local prefill: take the blocks (as reserve() does) and queue the prompt; the next steps feed it in chunks
+        within the step token budget, and the step feeding its last chunk samples its first token (output index 0,
+        params.output_offset honoured), which step() returns as a StepOutput like any other token (finishing it at
+        once if that token ends the request). Raises as reserve() does."""
+        with self._lock:
+            return self.scheduler.add_prompt(request_id, prompt_token_ids, params)
 
     def abort(self, request_id: str) -> bool:
         """Free the request's blocks whatever its state; False if it is not held (idempotent). Safe while a step
@@ -181,6 +248,16 @@ class DecodeEngine:
         with self._lock:
             return self.scheduler.num_waiting_kv
 
+    @property
+    def num_prefilling(self) -> int:
+        with self._lock:
+            return self.scheduler.num_prefilling
+
+    @property
+    def num_queued_prompt_tokens(self) -> int:
+        with self._lock:
+            return self.scheduler.num_queued_prompt_tokens
+
     def request_ids(self) -> list[str]:
         with self._lock:
             return self.scheduler.request_ids()
@@ -188,8 +265,9 @@ class DecodeEngine:
     # ----- worker thread side: the step -----
 
     def step(self) -> list[StepOutput]:
-        """One decode step over up to max_num_seqs running sequences; one StepOutput per scheduled sequence not
-        aborted meanwhile ([] when nothing runs). Finished sequences have freed their blocks on return."""
+        """One step: a decode token for up to max_num_seqs running sequences, and prompt chunks of local prefills
+        in the rest of the token budget; one StepOutput per sampled sequence not aborted meanwhile (a chunk that
+        does not end its prompt yields none; [] when nothing runs). Finished sequences have freed their blocks."""
         with self._step_lock:
             plan = self.schedule()
             if plan is None:
@@ -207,8 +285,7 @@ class DecodeEngine:
             return self.scheduler.schedule()
 
     def run(self, plan: DecodePlan) -> list[int]:
-        """The batched forward (query length 1 per sequence; the model writes each new token's K/V into its
-        block) and the sampling. Reads only the plan and the cache, so it runs without the lock. On a multi-rank
+        """The batched forward (the model writes each fed token's K/V into its block) and the sampling. Reads only the plan and the cache, so it runs without the lock. On a multi-rank
         replica the plan goes to the other ranks first (they run the same forward on their shards) and the
         sampled tokens come from the rank that holds the logits."""
         if self._peers is None:

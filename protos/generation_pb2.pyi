@@ -74,7 +74,21 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "prefill_ms", "kv_transfer_ms", "ttft_ms", "tpot_ms", "e2e_ms", "kv_bytes")
+    __slots__ = ("queue_ms", "prefill_ms", "kv_transfer_ms", "ttft_ms", "tpot_ms", "e2e_ms", "kv_bytes", "prefill_comm_bytes", "decode_comm_bytes")
+    class PrefillCommBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DecodeCommBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +96,8 @@ class Timings(_message.Message):
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COMM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_COMM_BYTES_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     prefill_ms: float
     kv_transfer_ms: float
@@ -89,7 +105,9 @@ class Timings(_message.Message):
     tpot_ms: float
     e2e_ms: float
     kv_bytes: int
-    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    prefill_comm_bytes: _containers.ScalarMap[str, int]
+    decode_comm_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, queue_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., prefill_comm_bytes: _Optional[_Mapping[str, int]] = ..., decode_comm_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "usage", "timings", "prefill_replica", "decode_replica")
@@ -166,15 +184,39 @@ class ReplicaStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., node: _Optional[str] = ..., accelerator: _Optional[str] = ..., mesh: _Optional[_Union[MeshShape, _Mapping]] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., kv_blocks: _Optional[_Union[KvBlocks, _Mapping]] = ..., failures: _Optional[int] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "max_context_len", "num_inflight", "prefill", "decode")
+    __slots__ = ("model", "max_context_len", "num_inflight", "prefill", "decode", "autoscale")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
     NUM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_context_len: int
     num_inflight: int
     prefill: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     decode: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, model: _Optional[str] = ..., max_context_len: _Optional[int] = ..., num_inflight: _Optional[int] = ..., prefill: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    autoscale: _containers.RepeatedCompositeFieldContainer[AutoscaleDecision]
+    def __init__(self, model: _Optional[str] = ..., max_context_len: _Optional[int] = ..., num_inflight: _Optional[int] = ..., prefill: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., decode: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., autoscale: _Optional[_Iterable[_Union[AutoscaleDecision, _Mapping]]] = ...) -> None: ...
+
+class AutoscaleDecision(_message.Message):
+    __slots__ = ("tier", "action", "from_replicas", "to_replicas", "reason", "at", "demand_rps", "capacity_rps", "is_latest")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    FROM_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TO_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_RPS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_RPS_FIELD_NUMBER: _ClassVar[int]
+    IS_LATEST_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    action: str
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    at: float
+    demand_rps: float
+    capacity_rps: float
+    is_latest: bool
+    def __init__(self, tier: _Optional[str] = ..., action: _Optional[str] = ..., from_replicas: _Optional[int] = ..., to_replicas: _Optional[int] = ..., reason: _Optional[str] = ..., at: _Optional[float] = ..., demand_rps: _Optional[float] = ..., capacity_rps: _Optional[float] = ..., is_latest: _Optional[bool] = ...) -> None: ...

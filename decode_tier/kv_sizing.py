@@ -39,8 +39,11 @@ class KVCacheSize:
 
 
 def size_kv_cache(model: CausalLM, *, num_kv_blocks: int | None, gpu_memory_fraction: float, block_size: int,
-                  max_num_seqs: int, memory_info: tuple[int, int] | None = None) -> KVCacheSize:
-    """This rank's choice (see the module docstring). `memory_info`: (free, total) bytes of the rank's GPU as
+                  max_num_seqs: int, memory_info: tuple[int, int] | None = None,
+                  max_step_tokens: int | None = None) -> KVCacheSize:
+    """This rank's choice (see the module docstring). `max_step_tokens`: the most tokens one engine step feeds
+    (decode rows plus local-prefill chunks; None: max_num_seqs, decode only), sizing the activation reserve.
+    `memory_info`: (free, total) bytes of the rank's GPU as
     `torch.cuda.mem_get_info` reports them (default: read now; tests pass numbers). Raises ValueError when the
     fraction leaves no room for even one block."""
     if num_kv_blocks is not None:
@@ -58,9 +61,10 @@ def size_kv_cache(model: CausalLM, *, num_kv_blocks: int | None, gpu_memory_frac
     # gpu_memory's arithmetic counts the whole model's layers and KV heads; a rank holds its stage's layers and its
     # tp share of the heads, so it is handed a config of exactly that shard.
     shard = dataclasses.replace(model.config, num_layers=model.num_layers, num_kv_heads=model.num_kv_heads_local)
-    # A decode step has one row per running sequence; the reserve's prefill term covers those rows.
-    reserve = activation_bytes(model.config, max_num_seqs=max_num_seqs, max_prefill_tokens=max_num_seqs,
-                               dtype=model.dtype)
+    # A step has one row per running sequence plus, with local prefill, prompt-chunk rows up to max_step_tokens;
+    # the reserve's prefill term covers those rows.
+    reserve = activation_bytes(model.config, max_num_seqs=max_num_seqs,
+                               max_prefill_tokens=max(max_num_seqs, max_step_tokens or 0), dtype=model.dtype)
     plan = plan_kv_cache(shard, block_size=block_size, dtype=model.dtype, gpu_memory_fraction=gpu_memory_fraction,
                          total_bytes=total_bytes, in_use_bytes=total_bytes - free_bytes,
                          activation_reserve_bytes=reserve)

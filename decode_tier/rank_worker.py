@@ -47,6 +47,15 @@ class CacheSettings:
     gpu_memory_fraction: float
     block_size: int
     max_num_seqs: int
+    max_step_tokens: int | None = None  # tokens per engine step (None: the engine's default for the device)
+
+    def step_tokens_on(self, device: torch.device) -> int:
+        """The step token budget this replica runs with on `device` (the activation reserve is sized for it)."""
+        if self.max_step_tokens is not None:
+            return self.max_step_tokens
+        from decode_tier.engine import default_max_step_tokens
+
+        return default_max_step_tokens(device, self.max_num_seqs)
 
 
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
@@ -65,7 +74,8 @@ def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rend
     layout = DecodeLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, tp=shape.tp,
                           block_size=cache.block_size)
     mine = size_kv_cache(model, num_kv_blocks=cache.num_kv_blocks, gpu_memory_fraction=cache.gpu_memory_fraction,
-                         block_size=cache.block_size, max_num_seqs=cache.max_num_seqs)
+                         block_size=cache.block_size, max_num_seqs=cache.max_num_seqs,
+                         max_step_tokens=cache.step_tokens_on(device))
     return group, model, layout, agree_on_size(group, mine)
 
 
@@ -99,7 +109,7 @@ class DecodeRankWorker:
     def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape,
                  num_kv_blocks: int | None, block_size: int, max_num_seqs: int, kv_backend: str, kv_token: str,
                  num_threads: int = 1, checksum: bool = False, use_gpu: bool = False,
-                 gpu_memory_fraction: float = 0.9):
+                 gpu_memory_fraction: float = 0.9, max_step_tokens: int | None = None):
         """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it. num_kv_blocks None:
         sized at start-up (decode_tier/kv_sizing.py)."""
         torch.set_num_threads(max(1, num_threads))
@@ -109,7 +119,8 @@ class DecodeRankWorker:
         self._dtype = dtype
         self._shape = mesh
         self._cache_settings = CacheSettings(num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
-                                             block_size=block_size, max_num_seqs=max_num_seqs)
+                                             block_size=block_size, max_num_seqs=max_num_seqs,
+                                             max_step_tokens=max_step_tokens)
         self._block_size = block_size
         self._max_num_seqs = max_num_seqs
         self._kv_backend = kv_backend

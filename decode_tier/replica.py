@@ -6,6 +6,9 @@ Who calls it: the router's cluster backend (orchestrator/cluster.py), in this or
   2. every prefill rank pushes its own KV shard straight to the decode ranks that need it (kv_transfer);
   3. `generate(...)` (a streaming generator) admits the sequence once every rank has all of its share and yields
      token batches until the request finishes; closing the stream or `abort(...)` frees the blocks at once.
+Or, local prefill (colocated mode, or a prompt the router keeps off the prefill tier): `prefill_local(...)` takes the
+blocks and queues the prompt, whose chunks the engine mixes into its decode steps; `generate_local(...)` streams the
+first token and the rest the same way.
 The engine step runs in one worker thread so the event loop stays free for reservations, KV receives and streams.
 
 A replica is `world = pp * tp` ranks. This actor is rank 0: it owns the scheduler (the block table of every
@@ -59,18 +62,22 @@ class DecodeReplica:
     (pp, tp); `prefill_mesh`: the prefill tier's (pp, cp, tp), which the ranks post their receives for unless a
     reservation names another; `workers`: the actor handles of ranks 1..world-1, in rank order. `use_gpu`: the
     tier asks for num_gpus: every rank computes on its own GPU, the model's collectives use NCCL. `num_kv_blocks`
-    None: sized at start-up from the device (decode_tier/kv_sizing.py: `gpu_memory_fraction` on GPU)."""
+    None: sized at start-up from the device (decode_tier/kv_sizing.py: `gpu_memory_fraction` on GPU).
+    `max_step_tokens`: tokens one engine step feeds, decode rows first, local-prefill chunks in the rest (None: the
+    engine's default for the device)."""
 
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, num_kv_blocks: int | None, block_size: int,
                  max_num_seqs: int, kv_backend: str, kv_token: str, lease_s: float, num_threads: int = 1,
                  checksum: bool = False, mesh: MeshShape | None = None, prefill_mesh: MeshShape | None = None,
-                 workers: Sequence = (), use_gpu: bool = False, gpu_memory_fraction: float = 0.9):
+                 workers: Sequence = (), use_gpu: bool = False, gpu_memory_fraction: float = 0.9,
+                 max_step_tokens: int | None = None):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self._model_path = model_path
         self._dtype = dtype
         self._cache_settings = CacheSettings(num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
-                                             block_size=block_size, max_num_seqs=max_num_seqs)
+                                             block_size=block_size, max_num_seqs=max_num_seqs,
+                                             max_step_tokens=max_step_tokens)
         self._use_gpu = use_gpu
         self._device = torch.device("cpu")
         self._device_id = "cpu"
@@ -90,6 +97,8 @@ class DecodeReplica:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-step")
         self._pending: dict[str, _Pending] = {}
         self._streams: dict[str, asyncio.Queue] = {}
+        # Local prefills queued by prefill_local whose stream generate_local has not claimed yet (id -> queued at).
+        self._unclaimed_local: dict[str, float] = {}
         self._num_steps = 0
         self._started = False
         self._mesh_failure: str | None = None  # a step failed on a multi-rank mesh: ranks may be out of step
@@ -139,7 +148,8 @@ class DecodeReplica:
                  self._device, self._dtype, self._cache_size.description)
         peers = MeshStepPeers(group, self._shape) if group is not None else None
         engine = DecodeEngine(model, num_blocks=self._cache_size.num_blocks, block_size=self._block_size,
-                              max_num_seqs=self._max_num_seqs, peers=peers)
+                              max_num_seqs=self._max_num_seqs, peers=peers,
+                              max_step_tokens=self._cache_settings.step_tokens_on(self._device))
         return engine, layout, worker_infos
 
     def _src_layout(self, prefill_mesh) -> PrefillLayout:
@@ -231,18 +241,62 @@ class DecodeReplica:
                 return
             self._wake.set()
             while True:
-                outputs = [await queue.get()]
-                while not queue.empty():
-                    outputs.append(queue.get_nowait())
-                finish_reason = next((o.finish_reason for o in outputs if o.finish_reason), None)
-                # A stop token ends the stream but is not part of the output (as in the usual completion APIs).
-                token_ids = [o.token_id for o in outputs if o.token_id >= 0 and o.finish_reason != "stop"]
-                yield {"token_ids": token_ids, "finish_reason": finish_reason}
-                if finish_reason:
+                item = _stream_item(await _drain(queue))
+                yield item
+                if item["finish_reason"]:
                     return
         finally:
             self._streams.pop(request_id, None)
             await self._release(request_id, is_claimed=is_claimed)
+
+    async def prefill_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> dict:
+        """Local prefill: take blocks for the prompt plus max_tokens and queue the prompt; the engine feeds it in
+        chunks mixed into its decode steps and samples the first token with `params` (output index 0 plus
+        params.output_offset, as the prefill tier does). Its tokens wait in a queue until `generate_local` claims
+        them; unclaimed after the KV lease (router gone), the request is freed. Returns {"num_blocks"}. Raises
+        ReservationRefused when the pool cannot hold it, ValueError for a duplicate id or an oversized prompt."""
+        if self._mesh_failure is not None:
+            raise RuntimeError(f"decode replica {self.replica_id}: {self._mesh_failure}")
+        try:
+            block_ids = self._engine.add_prompt(request_id, list(prompt_token_ids), params)
+        except OutOfBlocks as exc:
+            raise ReservationRefused(f"decode replica {self.replica_id}: {exc}") from None
+        self._streams[request_id] = asyncio.Queue()
+        self._unclaimed_local[request_id] = time.monotonic()
+        asyncio.get_running_loop().call_later(self._lease_s, self._reclaim_unclaimed_local, request_id)
+        self._wake.set()
+        return {"num_blocks": len(block_ids)}
+
+    def _reclaim_unclaimed_local(self, request_id: str) -> None:
+        if self._unclaimed_local.pop(request_id, None) is not None:
+            log.warning("decode replica %s: local prefill %s was never claimed within the lease; freeing it",
+                        self.replica_id, request_id)
+            self._streams.pop(request_id, None)
+            self._engine.abort(request_id)
+
+    async def generate_local(self, request_id: str):
+        """Streaming generator for a request queued by `prefill_local`: {"token_ids": [...], "finish_reason": str |
+        None} items until a finish reason is set; the item carrying the first token also has "prefill_s" (from
+        prefill_local to the first token: waiting for step room included). Closing the stream or `abort(...)` frees
+        the blocks at once."""
+        queued_at = self._unclaimed_local.pop(request_id, None)
+        queue = self._streams.get(request_id)
+        if queued_at is None or queue is None:
+            raise KeyError(f"request {request_id} has no local prefill on decode replica {self.replica_id} "
+                           "(expired, aborted or already claimed)")
+        try:
+            is_first = True
+            while True:
+                item = _stream_item(await _drain(queue))
+                if is_first:
+                    item["prefill_s"] = time.monotonic() - queued_at
+                    is_first = False
+                yield item
+                if item["finish_reason"]:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            self._engine.abort(request_id)  # no KV receive to end: nothing comes over the network
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request in any state; its blocks are free when this returns. Idempotent."""
@@ -252,6 +306,7 @@ class DecodeReplica:
         # Every rank's receiver is aborted first: once they return, no late KV write can land in the blocks, so
         # freeing them in the engine cannot hand a block to another request while a stale write is in flight.
         pending = self._pending.pop(request_id, None)
+        self._unclaimed_local.pop(request_id, None)
         if is_claimed:
             await self._receiver.abort(request_id)  # a no-op: kept so the rule above reads the same everywhere
         else:
@@ -267,6 +322,9 @@ class DecodeReplica:
             "num_total_blocks": self._engine.num_total_blocks,
             "num_running": self._engine.num_running,
             "num_waiting_kv": len(self._pending),
+            "num_prefilling": self._engine.num_prefilling,  # local prefills whose last chunk has not run
+            "num_queued_prompt_tokens": self._engine.num_queued_prompt_tokens,
+            "max_step_tokens": self._engine.max_step_tokens,
             "num_steps": self._num_steps,
             "device": str(self._device),
             "device_id": self._device_id,  # the GPU's UUID: tells apart GPUs that every actor calls cuda:0
@@ -309,6 +367,21 @@ class DecodeReplica:
                 queue = self._streams.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
+
+
+async def _drain(queue: asyncio.Queue) -> list:
+    """Wait for at least one step output, then take every one already queued (one stream item per wake-up)."""
+    outputs = [await queue.get()]
+    while not queue.empty():
+        outputs.append(queue.get_nowait())
+    return outputs
+
+
+def _stream_item(outputs: list) -> dict:
+    finish_reason = next((o.finish_reason for o in outputs if o.finish_reason), None)
+    # A stop token ends the stream but is not part of the output (as in the usual completion APIs).
+    token_ids = [o.token_id for o in outputs if o.token_id >= 0 and o.finish_reason != "stop"]
+    return {"token_ids": token_ids, "finish_reason": finish_reason}
 
 
 @dataclass

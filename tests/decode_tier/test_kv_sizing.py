@@ -97,3 +97,14 @@ def test_the_ranks_of_a_replica_agree_on_the_smallest_size():
 def test_cache_size_rejects_zero_blocks():
     with pytest.raises(ValueError, match="num_blocks"):
         dataclasses.replace(_size(1), num_blocks=0)
+
+
+def test_the_activation_reserve_covers_the_step_token_budget_of_local_prefill(config):
+    model = _rank_model(config, num_layers=config.num_layers, num_kv_heads_local=config.num_kv_heads)
+    free, total, block_size = 120 * GIB, 140 * GIB, 16
+    sizes = [size_kv_cache(model, num_kv_blocks=None, gpu_memory_fraction=0.9, block_size=block_size, max_num_seqs=8,
+                           memory_info=(free, total), max_step_tokens=step_tokens) for step_tokens in (None, 2048)]
+    block_bytes = config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * 2
+    reserve = activation_bytes(config, max_num_seqs=8, max_prefill_tokens=2048, dtype=torch.bfloat16)
+    assert sizes[1].num_blocks == (int(total * 0.9) - (total - free) - reserve) // block_bytes
+    assert sizes[1].num_blocks < sizes[0].num_blocks

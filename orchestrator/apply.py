@@ -53,6 +53,15 @@ async def drain(backend, handle: ReplicaHandle, timeout_s: float, report: Callab
     report(f"removed {handle.replica_id}")
 
 
+def apply_lock(backend) -> asyncio.Lock:
+    """One apply at a time per deployment, whoever asks: the Admin service or the autoscaler
+    (orchestrator/autoscale_runner.py). Made on first use, on the router's loop."""
+    lock = getattr(backend, "_apply_lock", None)
+    if lock is None:
+        lock = backend._apply_lock = asyncio.Lock()
+    return lock
+
+
 async def apply_config(backend, wanted: ClusterConfig, *, dry_run: bool, report: Callable[[str], None],
                        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> ApplyPlan:
     deployment = backend.deployment
@@ -88,7 +97,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def __init__(self, backend) -> None:
         self._backend = backend
-        self._lock = asyncio.Lock()  # one apply at a time
 
     async def Apply(self, request, context):
         import yaml
@@ -102,10 +110,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except ConfigError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return
-        if self._lock.locked():
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another apply is in progress")
+        if apply_lock(self._backend).locked():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "another apply (or an autoscale change) is in progress")
             return
-        async with self._lock:
+        async with apply_lock(self._backend):
             queue: asyncio.Queue = asyncio.Queue()
             timeout = request.drain_timeout_s or DEFAULT_DRAIN_TIMEOUT_S
             task = asyncio.create_task(apply_config(self._backend, wanted, dry_run=request.dry_run,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from orchestrator.client import DEFAULT_ADDRESS, Client, PdclusterError
 
@@ -135,4 +136,17 @@ def format_status_table(status: dict) -> str:
         return "\n".join(lines + ["no replicas"])
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + _autoscale_lines(status.get("autoscale", [])))
+
+
+def _autoscale_lines(decisions: list[dict]) -> list[str]:
+    """Each autoscaled tier's latest decision, then the recent changes with their time (UTC)."""
+    if not decisions:
+        return []
+    lines = ["", "autoscale"]
+    for d in decisions:
+        when = "now   " if d["is_latest"] else time.strftime("%H:%M:%S", time.gmtime(d["at"]))
+        capacity = f"{d['capacity_rps']:.2f}" if d["capacity_rps"] else "?"
+        lines.append(f"  {when} {d['tier']:<7} {d['action']:<4} {d['from_replicas']} -> {d['to_replicas']}  "
+                     f"demand {d['demand_rps']:.2f} req/s, capacity {capacity} req/s per replica: {d['reason']}")
+    return lines

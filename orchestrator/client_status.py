@@ -4,7 +4,8 @@ the client SDK turns it back into the same dict (plus the router's own fields).
 Imports only protos, so the client SDK stays importable without torch or ray. Dict shape (see
 orchestrator/backend.py): {"model", "max_context_len", "num_inflight", "prefill": [replica], "decode": [replica]}
 with replica = {"id", "state", "node", "accelerator", "mesh": {tp, cp, pp, ep},
-"load": {num_queued, num_running}, "kv_blocks": {num_free, num_total}}.
+"load": {num_queued, num_running}, "kv_blocks": {num_free, num_total}}; "autoscale": a list of decisions
+(AUTOSCALE_KEYS), present once a tier's autoscaler has decided something.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from protos import generation_pb2
 _STATE_PREFIX = "REPLICA_STATE_"
 MESH_AXES = ("tp", "cp", "pp", "ep")
 TIERS = ("prefill", "decode")
+AUTOSCALE_KEYS = ("tier", "action", "from_replicas", "to_replicas", "reason", "at", "demand_rps", "capacity_rps",
+                  "is_latest")
 
 
 class StatusFormatError(ValueError):
@@ -29,16 +32,21 @@ def status_to_proto(status: dict, *, max_context_len: int, num_inflight: int) ->
     for tier in TIERS:
         for index, replica in enumerate(_require(status, tier, "status")):
             _replica_to_proto(replica, f"status.{tier}[{index}]", getattr(response, tier).add())
+    for decision in status.get("autoscale", ()):  # orchestrator/autoscale_runner.py status()
+        response.autoscale.add(**{key: decision[key] for key in AUTOSCALE_KEYS})
     return response
 
 
 def status_from_proto(response: generation_pb2.StatusResponse) -> dict:
-    return {
+    status = {
         "model": response.model,
         "max_context_len": response.max_context_len,
         "num_inflight": response.num_inflight,
         **{tier: [_replica_from_proto(replica) for replica in getattr(response, tier)] for tier in TIERS},
     }
+    if response.autoscale:
+        status["autoscale"] = [{key: getattr(d, key) for key in AUTOSCALE_KEYS} for d in response.autoscale]
+    return status
 
 
 def _replica_to_proto(replica: dict, where: str, out: generation_pb2.ReplicaStatus) -> None:

@@ -312,6 +312,9 @@ class ClusterBackend:
                     "failures": handle.info.get("failures", 0),
                     "restarts": handle.info.get("restarts", 0),
                 })
+        autoscaler = getattr(self, "autoscaler", None)  # set by serve.py when a tier autoscales
+        if autoscaler is not None:
+            result["autoscale"] = autoscaler.status()
         return result
 
     async def replica_stats(self) -> dict[str, list[dict]]:

@@ -38,6 +38,8 @@ class RunningCluster:
         self._gateway = None
         self._request_log = RequestLog()
         self._stopping = False
+        self.autoscaler = None  # orchestrator.autoscale_runner.AutoscaleRunner when a tier has an autoscale block
+        self._autoscale_task = None
 
     @property
     def address(self) -> str:
@@ -72,6 +74,7 @@ class RunningCluster:
                                         on_request_done=self._on_request_done)
             self.port = self._call(self._server.start())
             self._health_task = asyncio.run_coroutine_threadsafe(self.backend.health_loop(), self._loop)
+            self._start_autoscaler()
             endpoints = self._start_observability()
         except BaseException:
             self.stop()
@@ -83,8 +86,21 @@ class RunningCluster:
 
     def _on_request_done(self, record: RequestRecord) -> None:
         self._request_log.write(record)
+        if self.autoscaler is not None:
+            self.autoscaler.record(record)
         if self.metrics is not None:
             self.metrics.observe_request(record)
+
+    def _start_autoscaler(self) -> None:
+        """The planner loop on the router's loop, when some tier has an autoscale block; `pdcluster status` shows
+        its decisions (the backend's status carries them)."""
+        from orchestrator.autoscale_runner import AutoscaleRunner
+
+        if not AutoscaleRunner.is_wanted(self.config):
+            return
+        self.autoscaler = AutoscaleRunner(self.backend)
+        self.backend.autoscaler = self.autoscaler
+        self._autoscale_task = asyncio.run_coroutine_threadsafe(self.autoscaler.run(), self._loop)
 
     def _start_observability(self) -> list[str]:
         """The metrics endpoint (+ replica poller) and the OpenAI gateway, where cluster.yaml asks for them;
@@ -142,6 +158,9 @@ class RunningCluster:
         if getattr(self, "_health_task", None) is not None:
             self._health_task.cancel()
             self._health_task = None
+        if self._autoscale_task is not None:  # before the replicas go: no scaling while stopping
+            self._autoscale_task.cancel()
+            self._autoscale_task = None
         if self._loop is not None:  # the gateway first: it forwards to the router
             for stoppable in (self._gateway, self._poller):
                 if stoppable is not None:

@@ -212,3 +212,29 @@ def test_section_validates_itself():
         _policy(min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="percentile"):
         LatencyTarget(metric="ttft", percentile=100, limit_ms=5)
+
+
+# ---- status ------------------------------------------------------------------------------------------------
+
+def test_decisions_reach_pdcluster_status_through_the_message():
+    from orchestrator.cli_client import format_status_table
+    from orchestrator.client_status import status_from_proto, status_to_proto
+
+    planner = TierPlanner("prefill", _policy())
+    change = planner.step(_obs(1, ttft_ms=[1500] * 10), now=1_700_000_000.0)
+    from orchestrator.autoscale_runner import _row
+
+    status = {"model": "m", "prefill": [], "decode": [],
+              "autoscale": [_row(change, latest=True), _row(change, latest=False)]}
+    message = status_to_proto(status, max_context_len=64, num_inflight=0)
+    decoded = status_from_proto(type(message).FromString(message.SerializeToString()))
+    assert decoded["autoscale"][0]["reason"] == change.reason
+    assert decoded["autoscale"][0]["to_replicas"] == change.to_replicas and decoded["autoscale"][0]["is_latest"]
+    decoded["prefill"] = [{"id": "prefill-0", "state": "ready", "node": "n", "accelerator": "CPU",
+                           "mesh": {"tp": 1, "cp": 1, "pp": 1, "ep": 1}, "load": {"num_queued": 0, "num_running": 0},
+                           "kv_blocks": {"num_free": 0, "num_total": 0}}]
+    table = format_status_table(decoded)
+    assert "autoscale" in table and "prefill up   1 -> " in table and "ttft_p90_ms 1500 ms > 1000 ms" in table
+    assert "22:13:20" in table  # the change's time, UTC
+    empty = status_to_proto({"model": "m", "prefill": [], "decode": []}, max_context_len=64, num_inflight=0)
+    assert "autoscale" not in status_from_proto(empty)

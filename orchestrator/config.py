@@ -64,6 +64,22 @@ class MeshSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrefixCacheSection:
+    """prefill.prefix_cache: each prefill replica keeps prompts' KV and reuses their longest cached prefix."""
+
+    max_tokens: int = 0  # KV tokens a replica keeps over all cached prompts (LRU); 0: no prefix cache
+    block_size: int = 16  # tokens per hashed block: prefixes match in whole blocks
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixRoutingSection:
+    """prefill.prefix_routing: the prefix-aware policy's limits (orchestrator/policies.py)."""
+
+    max_imbalance: int = 4  # requests in flight beyond the least-loaded replica before the prefix is ignored
+    index_blocks: int = 65536  # block hashes the router remembers per replica (oldest forgotten first)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TierSection:
     name: str  # "prefill" or "decode"
     replicas: int = 1
@@ -83,6 +99,9 @@ class TierSection:
     max_num_seqs: int = 64
     max_restarts: int = 3  # Ray restarts a dead replica this many times
     placement: str = "pack"  # a replica's ranks on one node ("pack", the default) or across nodes ("spread")
+    policy: str = "least-loaded"  # which replica of this tier gets a request; unset in cluster.yaml: router.policy
+    prefix_cache: PrefixCacheSection = field(default_factory=PrefixCacheSection)  # prefill only
+    prefix_routing: PrefixRoutingSection = field(default_factory=PrefixRoutingSection)  # prefill only
     # Optional SLO autoscaling of this tier's replica count (orchestrator/autoscale_config.py); None: fixed count.
     autoscale: "AutoscaleSection | None" = None
 
@@ -138,7 +157,7 @@ class ClusterConfig:
 
 
 _KNOWN_BACKENDS = ("ucx", "nccl")
-_KNOWN_POLICIES = ("least-loaded", "power-of-two", "round-robin")
+_KNOWN_POLICIES = ("least-loaded", "power-of-two", "round-robin", "prefix-aware")
 _KNOWN_DTYPES = ("float32", "bfloat16", "float16")
 _KNOWN_RESOURCE_KEYS = ("num_cpus", "num_gpus", "accelerator_type", "memory", "custom")
 _KNOWN_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -244,11 +263,35 @@ def _parse_logging(raw: dict) -> LoggingSection:
     return LoggingSection(level=level.upper())
 
 
-def _parse_tier(raw: dict, name: str) -> TierSection:
+def _parse_prefix(raw: dict, name: str, policy: str) -> dict:
+    """prefix_cache / prefix_routing of a tier (prefill only), checked against the tier's policy."""
+    p = f"{name}."
+    fields = {}
+    for key in ("prefix_cache", "prefix_routing"):
+        if key in raw and name != "prefill":
+            raise ConfigError(f"{p}{key}", f"the prefix cache lives in the prefill tier: move it to prefill.{key}")
+    cache_raw = _section(raw, "prefix_cache", p)
+    _reject_unknown(cache_raw, ("max_tokens", "block_size"), f"{p}prefix_cache.")
+    fields["prefix_cache"] = PrefixCacheSection(
+        max_tokens=_int(cache_raw, "max_tokens", f"{p}prefix_cache.", 0, minimum=0),
+        block_size=_int(cache_raw, "block_size", f"{p}prefix_cache.", 16, minimum=1))
+    routing_raw = _section(raw, "prefix_routing", p)
+    _reject_unknown(routing_raw, ("max_imbalance", "index_blocks"), f"{p}prefix_routing.")
+    fields["prefix_routing"] = PrefixRoutingSection(
+        max_imbalance=_int(routing_raw, "max_imbalance", f"{p}prefix_routing.", 4, minimum=0),
+        index_blocks=_int(routing_raw, "index_blocks", f"{p}prefix_routing.", 65536, minimum=1))
+    if name == "prefill" and policy == "prefix-aware" and fields["prefix_cache"].max_tokens == 0:
+        raise ConfigError(f"{p}policy", "prefix-aware routing sends a follow-up turn to the replica holding its "
+                          "prefix, which needs a prefix cache: set prefill.prefix_cache.max_tokens (e.g. 65536)")
+    return fields
+
+
+def _parse_tier(raw: dict, name: str, default_policy: str = "least-loaded") -> TierSection:
     p = f"{name}."
     allowed = ("replicas", "min_replicas", "max_replicas", "mesh", "resources", "max_batch_tokens", "max_batch_seqs",
                "num_kv_blocks", "gpu_memory_fraction", "block_size", "max_num_seqs", "max_restarts", "placement",
                "autoscale")
+    allowed += ("policy", "prefix_cache", "prefix_routing")
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -258,6 +301,7 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
     if max_replicas is not None and replicas > max_replicas:
         raise ConfigError(f"{p}replicas", f"{replicas} is above max_replicas ({max_replicas})")
     resources = _parse_resources(_section(raw, "resources", p), f"{p}resources.")
+    policy = _str(raw, "policy", p, default_policy, _KNOWN_POLICIES)
     num_kv_blocks = _int(raw, "num_kv_blocks", p, None, minimum=1)
     if num_kv_blocks is None and not resources.get("num_gpus"):
         num_kv_blocks = 1024  # CPU: no device memory to size from
@@ -280,6 +324,8 @@ def _parse_tier(raw: dict, name: str) -> TierSection:
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
         max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),
         placement=_str(raw, "placement", p, "pack", ("pack", "spread")),
+        policy=policy,
+        **_parse_prefix(raw, name, policy),
         autoscale=_parse_autoscale(raw.get("autoscale"), name, replicas=replicas, tier_min=min_replicas,
                                    tier_max=max_replicas),
     )
@@ -392,8 +438,8 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     config = ClusterConfig(
         model=model,
         router=router,
-        prefill=_parse_tier(_section(raw, "prefill"), "prefill"),
-        decode=_parse_tier(_section(raw, "decode"), "decode"),
+        prefill=_parse_tier(_section(raw, "prefill"), "prefill", router.policy),
+        decode=_parse_tier(_section(raw, "decode"), "decode", router.policy),
         kv_transfer=kv,
         ray=ray_section,
         metrics=_parse_endpoint(_section(raw, "metrics"), "metrics"),

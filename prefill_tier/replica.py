@@ -30,6 +30,7 @@ from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
 from mesh.sampling import SamplingParams
 from prefill_tier.batcher import PrefillBatcher
+from prefill_tier.prefix_cache import PrefixCacheConfig, PrefixCacheIndex
 from prefill_tier.rank_step import PrefillRankCore, PrefillStep, RankOutcome
 from mesh.rank_device import actor_device, node_host
 from prefill_tier.rank_worker import join_and_load
@@ -57,7 +58,10 @@ class PrefillReplica:
 
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, max_batch_tokens: int, max_batch_seqs: int,
                  kv_backend: str, kv_token: str, layerwise: bool = True, num_threads: int = 1,
-                 mesh: MeshShape | None = None, workers: Sequence = (), use_gpu: bool = False):
+                 mesh: MeshShape | None = None, workers: Sequence = (), use_gpu: bool = False,
+                 prefix_cache: PrefixCacheConfig | None = None):
+        """prefix_cache: keep prompts' KV on the ranks and reuse their longest cached block prefix
+        (prefill_tier/prefix_cache.py); None or max_tokens == 0: off."""
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self._model_path = model_path
@@ -73,6 +77,8 @@ class PrefillReplica:
         if len(self._workers) != self._shape.world_size - 1:
             raise ValueError(f"{replica_id}: a {self._shape.world_size}-rank mesh needs "
                              f"{self._shape.world_size - 1} worker ranks, got {len(self._workers)}")
+        self._prefix_config = prefix_cache or PrefixCacheConfig()
+        self._prefix_index = PrefixCacheIndex(self._prefix_config) if self._prefix_config.is_enabled else None
         self._batcher = PrefillBatcher(max_batch_tokens=max_batch_tokens, max_batch_seqs=max_batch_seqs)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-fwd")
         self._queued: dict[str, _Work] = {}  # by request id, while in the batcher
@@ -121,7 +127,8 @@ class PrefillReplica:
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       reservation=None) -> dict:
-        """Queue the prompt; resolves with {"first_token", "queue_s", "prefill_s", "kv_s", "kv_bytes"}."""
+        """Queue the prompt; resolves with {"first_token", "queue_s", "prefill_s", "kv_s", "kv_bytes",
+        "num_cached_tokens"} (the last: prompt tokens taken from the prefix cache instead of computed)."""
         future = asyncio.get_running_loop().create_future()
         work = _Work(request_id, list(prompt_token_ids), params, reservation, future)
         self._batcher.add(work)
@@ -145,6 +152,7 @@ class PrefillReplica:
 
     def stats(self) -> dict:
         return {
+            **self._prefix_stats(),
             "replica_id": self.replica_id,
             "num_queued": len(self._batcher),
             "num_queued_tokens": self._batcher.num_queued_tokens,
@@ -153,6 +161,21 @@ class PrefillReplica:
             "device": str(self._device),
             "device_id": self._device_id,  # the GPU's UUID: tells apart GPUs that every actor calls cuda:0
         }
+
+    def _prefix_stats(self) -> dict:
+        """Prefix cache counters (all zero when the cache is off); `prefix_cache_hits` counts requests that reused a
+        cached prefix, `prefix_cache_cached_tokens` the prompt tokens they did not recompute."""
+        index = self._prefix_index
+        if index is None:
+            return {"prefix_cache_enabled": False, "prefix_cache_hits": 0, "prefix_cache_misses": 0,
+                    "prefix_cache_cached_tokens": 0, "prefix_cache_prompt_tokens": 0, "prefix_cache_evictions": 0,
+                    "prefix_cache_entries": 0, "prefix_cache_stored_tokens": 0, "prefix_cache_max_tokens": 0}
+        stats = index.stats
+        return {"prefix_cache_enabled": True, "prefix_cache_hits": stats.num_hits,
+                "prefix_cache_misses": stats.num_misses, "prefix_cache_cached_tokens": stats.num_cached_tokens,
+                "prefix_cache_prompt_tokens": stats.num_prompt_tokens, "prefix_cache_evictions": stats.num_evictions,
+                "prefix_cache_entries": index.num_entries, "prefix_cache_stored_tokens": index.num_stored_tokens,
+                "prefix_cache_max_tokens": self._prefix_config.max_tokens}
 
     async def get_stats(self) -> dict:
         return self.stats()
@@ -195,12 +218,24 @@ class PrefillReplica:
             raise RuntimeError(self._mesh_failure)
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        # Planned right before the step runs (one step at a time), so what the plan reuses is what the ranks hold.
+        prefix = self._prefix_index.plan([w.prompt_token_ids for w in batch]) if self._prefix_index else None
         step = PrefillStep(request_ids=tuple(w.request_id for w in batch),
                            prompts=tuple(tuple(w.prompt_token_ids) for w in batch),
                            params=tuple(w.params for w in batch),
-                           reservations=tuple(w.reservation for w in batch))
-        outcomes = await loop.run_in_executor(self._executor, self._run_step, step)
+                           reservations=tuple(w.reservation for w in batch), prefix=prefix)
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self._run_step, step)
+        except BaseException:
+            if prefix is not None:
+                self._prefix_index.abort(prefix)
+            raise
         failures = [f"rank {o.rank}: {o.failure}" for o in outcomes if o.failure]
+        if prefix is not None:
+            if failures:
+                self._prefix_index.abort(prefix)
+            else:
+                self._prefix_index.commit(prefix)
         if failures:
             message = "a prefill step failed: " + "; ".join(failures)
             if self._workers:  # ranks may now be out of step: stop taking work (ping fails, the router moves on)
@@ -211,7 +246,7 @@ class PrefillReplica:
             raise RuntimeError("no rank sampled the first tokens (the logits rank reported none)")
         forward_s = max(o.forward_s for o in outcomes)
         kv_s = max(o.kv_s for o in outcomes)
-        for work, token in zip(batch, first_tokens):
+        for index, (work, token) in enumerate(zip(batch, first_tokens)):
             if work.future.done():
                 continue
             errors = [f"rank {o.rank}: {o.errors[work.request_id]}" for o in outcomes if work.request_id in o.errors]
@@ -224,6 +259,7 @@ class PrefillReplica:
                 "prefill_s": forward_s,
                 "kv_s": kv_s if work.reservation is not None else 0.0,
                 "kv_bytes": sum(o.kv_bytes.get(work.request_id, 0) for o in outcomes),
+                "num_cached_tokens": step.num_cached(index),  # prompt tokens reused from the prefix cache
             })
 
     def _run_step(self, step: PrefillStep) -> list[RankOutcome]:

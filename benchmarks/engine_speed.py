@@ -57,6 +57,10 @@ def parse_args() -> argparse.Namespace:
                              "DynamicCache concatenation needs twice the cache)")
     parser.add_argument("--hf-new-tokens", type=int, default=8)
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
+                        help="fused decode for batches <= 8: measured against unfused (auto), forced on or off")
+    parser.add_argument("--breakdown-batches", type=ints, default=[1],
+                        help="decode batches whose graph replay is profiled kernel by kernel")
     parser.add_argument("--device", default="cuda", help="cuda; cpu = dry run of the script on a tiny preset")
     parser.add_argument("--time-budget-s", type=float, default=math.inf,
                         help="skip the remaining transformers runs once the run is older than this")
@@ -82,9 +86,10 @@ def decode_run(decoder: GpuDecoder, cache: list[torch.Tensor], batch: int, args:
     config = decoder.config
     blocks_per_seq = -(-(args.context + args.decode_steps + 8) // BLOCK_SIZE)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
-    graphs = DecodeGraphs(decoder, cache, max_num_seqs=batch, buckets=(batch,))
+    fused = {"auto": None, "on": True, "off": False}[args.fused]
+    graphs = DecodeGraphs(decoder, cache, max_num_seqs=batch, buckets=(batch,), fused=fused)
     capture_start = time.perf_counter()
-    graphs.capture()
+    graphs.capture()  # batch <= 8: tunes the fused kernels and keeps the faster of fused / unfused
     capture_s = time.perf_counter() - capture_start
     request_ids = [f"r{i}" for i in range(batch)]
     tokens = torch.randint(0, config.vocab_size, (batch,)).tolist()
@@ -105,11 +110,60 @@ def decode_run(decoder: GpuDecoder, cache: list[torch.Tensor], batch: int, args:
     kv_bytes = batch * statistics.mean(contexts) * kv_token_bytes
     floor_ms = (weight_bytes + kv_bytes) / bandwidth * 1e3
     splits = graphs.num_splits[batch]
+    choice = graphs.choices.get(batch, {})
+    breakdown = kernel_breakdown(graphs, batch, graph_ms) if batch in args.breakdown_batches else None
+    is_fused = graphs.is_fused[batch]
     del graphs
     return {"batch": batch, "context": args.context, "step_ms": step_ms, "graph_replay_ms": graph_ms,
             "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "graph_x_floor": graph_ms / floor_ms,
             "tokens_per_s": batch / (step_ms / 1e3), "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
-            "num_splits": splits, "capture_s": capture_s}
+            "num_splits": splits, "capture_s": capture_s, "is_fused": is_fused,
+            "fused_replay_ms": choice.get("fused_ms"), "unfused_replay_ms": choice.get("plain_ms"),
+            "gemv": choice.get("gemv"), "kernels": breakdown}
+
+
+_KERNEL_KINDS = (("_fused_gemv", "triton gemv"), ("_paged_decode", "paged attention"),
+                 ("_merge_splits", "split merge"), ("_rope", "rotary + cache write"), ("_add_rms", "add + rmsnorm"),
+                 ("_silu", "silu * up"), ("argmax", "argmax"), ("embedding", "embedding"), ("index", "embedding"),
+                 ("memset", "memset"), ("fill", "memset"), ("gemv", "cublas"), ("gemm", "cublas"), ("nvjet", "cublas"),
+                 ("cutlass", "cublas"), ("sm90", "cublas"), ("cast", "cast"), ("copy", "cast"))
+
+
+def kernel_breakdown(graphs: DecodeGraphs, batch: int, replay_ms: float, repeats: int = 5) -> dict | None:
+    """Device time per decode step by kernel kind, from the profiler's kernel records of `repeats` graph replays:
+    what the kernels themselves take, and the rest of the replay (launch gaps, kernel ramp-up and tails)."""
+    if DEVICE != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        graphs.replay(batch)
+        synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                graphs.replay(batch)
+            synchronize()
+        kinds: dict[str, dict] = {}
+        top = []
+        for item in prof.key_averages():
+            us = getattr(item, "device_time_total", None)
+            if us is None:
+                us = getattr(item, "cuda_time_total", 0.0)
+            if not us or item.count == 0:
+                continue
+            name = item.key
+            kind = next((k for pattern, k in _KERNEL_KINDS if pattern in name.lower()), "other")
+            entry = kinds.setdefault(kind, {"us": 0.0, "launches": 0.0})
+            entry["us"] += us / repeats
+            entry["launches"] += item.count / repeats
+            top.append({"kernel": name[:100], "kind": kind, "us": us / repeats, "launches": item.count / repeats})
+        kernel_us = sum(k["us"] for k in kinds.values())
+        top.sort(key=lambda row: -row["us"])
+        return {"kinds": kinds, "kernel_us": kernel_us, "replay_us": replay_ms * 1e3,
+                "gaps_us": replay_ms * 1e3 - kernel_us, "launches": sum(k["launches"] for k in kinds.values()),
+                "top": top[:12]}
+    except Exception as error:  # the profiler is a diagnostic: never lose the run for it
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
 
 
 def attention_kernels(decoder: GpuDecoder, cache: list[torch.Tensor], batches: list[int],
@@ -313,6 +367,29 @@ def tables(document: dict) -> None:
     print_table("decode attention, one layer (Triton paged kernel vs gather + SDPA)",
                 ["model", "batch", "splits", "paged us", "gather+sdpa us", "paged TB/s", "paged x floor"],
                 attention_rows)
+    gemv_rows, fused_rows, kernel_rows = [], [], []
+    for model in document["models"]:
+        for run in model["decode"]:
+            if run.get("fused_replay_ms") is not None:
+                fused_rows.append([model["model"], run["batch"], run["fused_replay_ms"], run["unfused_replay_ms"],
+                                   "fused" if run["is_fused"] else "unfused"])
+            for row in run.get("gemv") or []:
+                gemv_rows.append([model["model"], run["batch"], row["projection"], f"{row['n']}x{row['k']}",
+                                  row.get("tile", "-"), row.get("us", math.nan), row["cublas_us"],
+                                  row.get("bytes_per_s", math.nan) / 1e12, row["cublas_bytes_per_s"] / 1e12])
+            kernels = run.get("kernels") or {}
+            for kind, entry in sorted((kernels.get("kinds") or {}).items(), key=lambda item: -item[1]["us"]):
+                kernel_rows.append([model["model"], run["batch"], kind, entry["launches"], entry["us"]])
+            if "kinds" in kernels:
+                kernel_rows.append([model["model"], run["batch"], "(gaps: replay - kernels)", kernels["launches"],
+                                    kernels["gaps_us"]])
+    print_table("decode step replay: fused projections vs unfused (ms, padded rows)",
+                ["model", "batch", "fused ms", "unfused ms", "kept"], fused_rows)
+    print_table("decode projections, one call (us; Triton fused GEMV tile chosen by measurement vs cuBLAS)",
+                ["model", "batch", "proj", "N x K", "tile", "triton us", "cublas us", "triton TB/s", "cublas TB/s"],
+                gemv_rows)
+    print_table("decode step by kernel kind (profiler, per step)", ["model", "batch", "kind", "launches", "us"],
+                kernel_rows)
     print_table("prefill, one prompt", ["model", "tokens", "ms", "tok/s", "TFLOP/s", "MFU %", "HF ms", "HF warm",
                                         "HF / ours", "HF warm / ours"], prefill_rows)
 

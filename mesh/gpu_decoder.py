@@ -10,8 +10,11 @@ Who calls it: `mesh.gpu_graphs.DecodeGraphs` (decode steps, captured in CUDA gra
   `TritonOps` it can be captured in a CUDA graph and replayed for any batch contents of that size.
 
 Per layer the decode step is ten launches: add+RMSNorm, QKV matmul, rotary+cache write, paged attention (+ split
-merge), O matmul, add+RMSNorm, gate/up matmul, SiLU*up, down matmul. Prefill runs the same layers over the packed
-tokens with FlashAttention's variable-length kernel (torch's aten op; per-sequence SDPA where it is missing).
+merge), O matmul, add+RMSNorm, gate/up matmul, SiLU*up, down matmul. The fused decode (`decode(..., fused=True)`,
+a few rows; mesh.triton_gemv) folds the norms, the residual adds and SiLU*up into the four projections: six
+launches a layer. Which of the two a CUDA graph bucket runs is decided by measurement (mesh.gpu_graphs). Prefill
+runs the same layers over the packed tokens with FlashAttention's variable-length kernel (torch's aten op;
+per-sequence SDPA where it is missing).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh.config import ModelConfig
-from mesh.gpu_ops import TorchOps, default_ops, rope_tables
+from mesh.gpu_ops import MAX_FUSED_ROWS, TorchOps, default_ops, is_fusable, rope_tables
 from mesh.gpu_weights import FusedWeights, fuse, share_with_model, tensors_of_model
 from mesh.layers import rope_inverse_frequencies
 
@@ -55,6 +58,8 @@ class GpuDecoder:
         inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.cos, self.sin = rope_tables(inv_freq, self.max_positions, self.dtype, self.device)
         self.prefill_attention_backend = "flash-varlen" if self.device.type == "cuda" else "sdpa"
+        # (projection, rows) -> mesh.triton_gemv.GemvTile for the fused decode; set by mesh.gpu_gemv_tuning.
+        self.gemv_tiles: dict[tuple[str, int], Any] = {}
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -81,10 +86,13 @@ class GpuDecoder:
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor,
                block_tables: torch.Tensor, kv_cache: Sequence[torch.Tensor],
-               num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               num_splits: int = 1, *, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per sequence. input_ids, positions, slots (cache slot of the new token, -1 = padding row),
         seq_lens (tokens attended, the new one included; 0 = padding): [B] int64 on the device; block_tables
-        [B, max_blocks] int32. Returns (float32 logits [B, vocab], greedy tokens [B])."""
+        [B, max_blocks] int32. Returns (float32 logits [B, vocab], greedy tokens [B]). `fused` (B a power of two
+        up to mesh.gpu_ops.MAX_FUSED_ROWS) runs the fused projections; same function, fewer launches."""
+        if fused:
+            return self._decode_fused(input_ids, positions, slots, seq_lens, block_tables, kv_cache, num_splits)
         ops, w = self.ops, self.weights
         num_rows = input_ids.shape[0]
         h = F.embedding(input_ids, w.embed)
@@ -100,6 +108,37 @@ class GpuDecoder:
             delta = F.linear(ops.silu_mul(F.linear(x, layer.gate_up)), layer.down)
         x = ops.add_rms_norm(h, delta, w.norm, self.eps)
         logits = F.linear(x, w.lm_head).float()
+        return logits, logits.argmax(dim=-1)
+
+    def _decode_fused(self, input_ids, positions, slots, seq_lens, block_tables, kv_cache, num_splits):
+        """decode() with the norms, residual adds and SiLU*up folded into the projections (ops.fused_linear). The
+        residual stream h is updated in place by the o and down projections, which also leave each row's sum of
+        squares of the new h for the next norm (sumsq[layer, 0]: before attention, [layer, 1]: before the MLP)."""
+        ops, w, eps = self.ops, self.weights, self.eps
+        num_rows = input_ids.shape[0]
+        if not is_fusable(num_rows):
+            raise ValueError(f"decode(fused=True): {num_rows} rows; a power of two up to {MAX_FUSED_ROWS}")
+        tiles = {name: self.gemv_tiles.get((name, num_rows)) for name in ("qkv", "o", "gate_up", "down", "lm_head")}
+        h = F.embedding(input_ids, w.embed)
+        sumsq = torch.zeros((len(w.layers) + 1, 2, num_rows), dtype=torch.float32, device=h.device)
+        x = ops.add_rms_norm(h, None, w.layers[0].input_norm, eps)  # the first norm has no kernel before it
+        for index, (layer, cache) in enumerate(zip(w.layers, kv_cache)):
+            if index == 0:
+                qkv = ops.fused_linear(x, layer.qkv, layer.qkv_bias, tile=tiles["qkv"])
+            else:
+                qkv = ops.fused_linear(h, layer.qkv, layer.qkv_bias, norm=(layer.input_norm, sumsq[index, 0], eps),
+                                       tile=tiles["qkv"])
+            q, _ = ops.rope_and_store(qkv, positions, slots, self.cos, self.sin, cache, self.num_heads,
+                                      self.num_kv_heads)
+            attn = ops.paged_decode_attention(q, cache, block_tables, seq_lens, self.scale, num_splits)
+            ops.fused_linear(attn.view(num_rows, self.num_heads * self.head_dim), layer.o,
+                             residual=(h, sumsq[index, 1]), tile=tiles["o"])
+            gate_up = ops.fused_linear(h, layer.gate_up, norm=(layer.post_norm, sumsq[index, 1], eps),
+                                       tile=tiles["gate_up"])
+            ops.fused_linear(gate_up, layer.down, silu_input=True, residual=(h, sumsq[index + 1, 0]),
+                             tile=tiles["down"])
+        logits = ops.fused_linear(h, w.lm_head, norm=(w.norm, sumsq[len(w.layers), 0], eps), out_dtype=torch.float32,
+                                  tile=tiles["lm_head"])
         return logits, logits.argmax(dim=-1)
 
     # ---- prefill -----------------------------------------------------------------------------------------------

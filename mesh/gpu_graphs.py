@@ -13,6 +13,10 @@ What it promises:
   reading the returned tokens (and the next step waiting for the previous step's input copy to finish).
 - With ops that are not graph safe (TorchOps, e.g. on CPU) the same step runs eagerly: that is the path the CPU
   tests check against the reference model.
+- Buckets of a power of two rows up to mesh.gpu_ops.MAX_FUSED_ROWS can run the fused decode (GpuDecoder.decode
+  fused=True). With `fused=None` (default) capture() tunes the fused kernels' tiles (mesh.gpu_gemv_tuning),
+  captures both variants, times their replays and keeps the faster (`choices[rows]` records the times); True or
+  False forces one (eagerly, None means the unfused step).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import torch
 
 from mesh.gpu_decoder import GpuDecoder
+from mesh.gpu_ops import is_fusable
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _IO_INPUT_IDS, _IO_POSITIONS, _IO_SLOTS, _IO_SEQ_LENS = range(4)
@@ -46,7 +51,7 @@ def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits:
 class DecodeGraphs:
     def __init__(self, decoder: GpuDecoder, kv_cache: Sequence[torch.Tensor], *, max_num_seqs: int,
                  max_model_len: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 use_graphs: bool | None = None) -> None:
+                 use_graphs: bool | None = None, fused: bool | None = None) -> None:
         if len(kv_cache) != decoder.config.num_layers:
             raise ValueError(f"DecodeGraphs: kv_cache has {len(kv_cache)} layers, the model "
                              f"{decoder.config.num_layers}")
@@ -77,6 +82,12 @@ class DecodeGraphs:
         self._row_owner: list[tuple | None] = [None] * rows
         self._copied = torch.cuda.Event() if is_cuda else None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.fused = fused
+        can_fuse = hasattr(decoder.ops, "fused_linear")
+        # rows -> runs the fused decode; capture() may revise the undecided (fused=None) ones by measurement.
+        self.is_fused = {b: bool(fused) and can_fuse and is_fusable(b) for b in self.buckets}
+        self._undecided = {b for b in self.buckets if fused is None and can_fuse and is_fusable(b)}
+        self.choices: dict[int, dict] = {}  # rows -> {"fused_ms", "plain_ms", "fused", "gemv": tuning report}
         self._pad_rows(0, rows)
         self._io.copy_(self._host_io)
 
@@ -86,15 +97,17 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"DecodeGraphs: {num_seqs} sequences, at most {self.max_num_seqs} (max_num_seqs)")
 
-    def _forward(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, rows: int, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         io = self._io
+        fused = self.is_fused[rows] if fused is None else fused
         return self.decoder.decode(io[_IO_INPUT_IDS, :rows], io[_IO_POSITIONS, :rows], io[_IO_SLOTS, :rows],
                                    io[_IO_SEQ_LENS, :rows], self._tables[:rows], self.kv_cache,
-                                   self.num_splits[rows])
+                                   self.num_splits[rows], fused=fused)
 
     def capture(self) -> None:
         """One graph per bucket, largest first so the smaller ones reuse its memory pool. Runs each bucket twice
-        eagerly first (Triton compilation, cuBLAS handles) with every row padded: the cache is never written."""
+        eagerly first (Triton compilation, cuBLAS handles) with every row padded: the cache is never written.
+        An undecided fusable bucket is captured both ways and keeps the variant whose replay is faster."""
         if not self.use_graphs or self._graphs:
             return
         self._copied.synchronize()
@@ -102,17 +115,32 @@ class DecodeGraphs:
         self._io.copy_(self._host_io)
         pool = torch.cuda.graph_pool_handle()
         for rows in sorted(self.buckets, reverse=True):
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward(rows)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, tokens = self._forward(rows)
-            self._graphs[rows] = (graph, logits, tokens)
+            if rows not in self._undecided:
+                self._graphs[rows] = self._capture_one(rows, self.is_fused[rows], pool)
+                continue
+            from mesh.gpu_gemv_tuning import tune_decode_gemv
+
+            gemv = tune_decode_gemv(self.decoder, rows)
+            variants = {fused: self._capture_one(rows, fused, pool) for fused in (True, False)}
+            times = {fused: _replay_ms(graph) for fused, (graph, _, _) in variants.items()}
+            choice = times[True] < times[False]
+            self.is_fused[rows] = choice
+            self._graphs[rows] = variants[choice]
+            self.choices[rows] = {"fused": choice, "fused_ms": times[True], "plain_ms": times[False], "gemv": gemv}
+            del variants
         torch.cuda.synchronize(self.device)
+
+    def _capture_one(self, rows: int, fused: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(rows, fused)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits, tokens = self._forward(rows, fused)
+        return graph, logits, tokens
 
     def step(self, request_ids: Sequence, input_ids: Sequence[int], positions: Sequence[int],
              block_tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,3 +216,17 @@ class DecodeGraphs:
         io[_IO_POSITIONS, start:stop] = 0
         io[_IO_SLOTS, start:stop] = -1
         io[_IO_SEQ_LENS, start:stop] = 0
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 7) -> float:
+    """Median device milliseconds of a replay (after one untimed replay)."""
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]

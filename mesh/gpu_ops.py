@@ -16,12 +16,29 @@ implementations, checked against each other by tests/mesh/test_gpu_decoder.py):
   seq_len 0 (padding) returns zeros. GQA: query head h reads KV head h // (H / Hkv). Returns [B, H, D].
   `num_splits` only changes how the work is divided (same result up to rounding).
 - `silu_mul(gate_up)`: gate_up [T, 2 I] (gate columns first) -> silu(gate) * up, [T, I].
+- `fused_linear(x, weight, bias, *, norm, silu_input, residual, out_dtype, tile)`: `x @ weight.T + bias` for a
+  decode step of a few rows, with the elementwise work around it folded in (mesh.triton_gemv's kernel):
+  `norm=(norm_weight, sumsq, eps)` first replaces x by `norm_weight * rms_norm(x)` where `sumsq` [T] float32 already
+  holds the sum of squares of each row of x (RMSNorm's numerics otherwise); `silu_input=True` first replaces x
+  [T, 2 K] by `silu_mul(x)`; `residual=(h, sumsq_out)` adds the product into h in place (the rounding of
+  `h += delta`), adds each row's sum of squares of the new h into `sumsq_out`, and returns h; otherwise returns
+  a new [T, N] tensor in `out_dtype` (default the weight's; the product is rounded to the weight's dtype first).
+  `tile` (mesh.triton_gemv.GemvTile) only changes how the work is divided.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+# The fused decode path (fused_linear) runs buckets of a power of two rows up to this many (mesh.triton_gemv keeps
+# the rows of one program in registers).
+MAX_FUSED_ROWS = 8
+
+
+def is_fusable(num_rows: int) -> bool:
+    return 1 <= num_rows <= MAX_FUSED_ROWS and num_rows & (num_rows - 1) == 0
 
 
 class TorchOps:
@@ -84,6 +101,25 @@ class TorchOps:
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    @staticmethod
+    def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, silu_input: bool = False,
+                     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     out_dtype: torch.dtype | None = None, tile: object = None) -> torch.Tensor:
+        if norm is not None:
+            norm_weight, sumsq, eps = norm
+            inv_rms = torch.rsqrt(sumsq / x.shape[-1] + eps)
+            x = norm_weight * (x.to(torch.float32) * inv_rms[:, None]).to(x.dtype)
+        if silu_input:
+            x = TorchOps.silu_mul(x)
+        y = F.linear(x, weight, bias)
+        if residual is None:
+            return y if out_dtype is None else y.to(out_dtype)
+        h, sumsq_out = residual
+        h.add_(y)
+        sumsq_out.add_(h.to(torch.float32).pow(2).sum(-1))
+        return h
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mesh.triton_gemv import GemvTile, fused_gemv
+
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, out_ptr, eps, hidden_size,
@@ -241,6 +243,15 @@ class TritonOps:
         _silu_mul_kernel[(num_rows, triton.cdiv(intermediate_size, block))](gate_up, out, intermediate_size,
                                                                            BLOCK=block, num_warps=4)
         return out
+
+
+    @staticmethod
+    def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None, silu_input: bool = False,
+                     residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     out_dtype: torch.dtype | None = None, tile: GemvTile | None = None) -> torch.Tensor:
+        return fused_gemv(x, weight, bias, norm=norm, silu_input=silu_input, residual=residual, out_dtype=out_dtype,
+                          tile=tile)
 
 
 def is_supported(head_dim: int) -> bool:

@@ -68,8 +68,9 @@ def _packed(prompts, contexts=None):
 # ---- CPU: the fast path's code with plain-torch ops, float32, against the reference -----------------------------
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("variant", ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-llama3-rope"])
-def test_prefill_and_decode_match_reference_on_cpu(variant, model_dir):
+def test_prefill_and_decode_match_reference_on_cpu(variant, fused, model_dir):
     block_size = 4
     reference = CausalLM.load(model_dir(variant))
     ours = GpuDecoder.from_tensors(reference.config, {k: v.clone() for k, v in _hf_tensors(reference).items()},
@@ -86,8 +87,11 @@ def test_prefill_and_decode_match_reference_on_cpu(variant, model_dir):
     for ref_layer, our_layer in zip(ref_cache, our_cache):
         torch.testing.assert_close(our_layer, ref_layer, rtol=1e-5, atol=1e-6)
 
-    graphs = DecodeGraphs(ours, our_cache, max_num_seqs=4)  # bucket 4: one padded row every step
+    # Bucket 4: one padded row every step. fused: the norms, residual adds and SiLU*up folded into the projections
+    # (TorchOps.fused_linear, the same wiring the Triton kernels get on CUDA).
+    graphs = DecodeGraphs(ours, our_cache, max_num_seqs=4, fused=fused)
     assert not graphs.use_graphs
+    assert graphs.is_fused[4] is fused
     tokens = got.argmax(-1).tolist()
     contexts = [len(p) for p in prompts]
     for _ in range(num_new - 1):
@@ -355,7 +359,8 @@ def test_bf16_prefill_logits_close_to_reference_and_transformers(gpu_model_dir):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_greedy_top1_agreement_over_256_tokens_and_graphs_equal_eager(gpu_model_dir):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_greedy_top1_agreement_over_256_tokens_and_graphs_equal_eager(gpu_model_dir, fused):
     reference = CausalLM.load(gpu_model_dir, dtype=torch.bfloat16, device="cuda")
     ours = GpuDecoder.from_model(reference)
     num_new, block_size = 256, 16
@@ -365,9 +370,9 @@ def test_greedy_top1_agreement_over_256_tokens_and_graphs_equal_eager(gpu_model_
     ids, positions, query_lens = _packed(prompts)
     first = ours.prefill(ids, positions, query_lens, None, tables, cache).argmax(-1).tolist()
     eager_cache = [layer.clone() for layer in cache]
-    graphs = DecodeGraphs(ours, cache, max_num_seqs=4)
-    eager = DecodeGraphs(ours, eager_cache, max_num_seqs=4, use_graphs=False)
-    assert graphs.use_graphs
+    graphs = DecodeGraphs(ours, cache, max_num_seqs=4, fused=fused)
+    eager = DecodeGraphs(ours, eager_cache, max_num_seqs=4, use_graphs=False, fused=fused)
+    assert graphs.use_graphs and graphs.is_fused[4] is fused and eager.is_fused[4] is fused
     generated = [[t] for t in first]
     contexts = [len(p) for p in prompts]
     tokens = first
@@ -422,3 +427,19 @@ def test_step_runner_on_cuda_matches_reference_step(gpu_model_dir):
     expected = _reference_step(reference, torch.tensor(first, device="cuda"), torch.tensor([33, 70], device="cuda"),
                                [1, 1], [33, 70], tables, ref_cache)
     assert runner.run(plan) == expected.argmax(-1).tolist()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_capture_measures_fused_against_unfused_and_keeps_the_faster(gpu_model_dir):
+    reference = CausalLM.load(gpu_model_dir, dtype=torch.bfloat16, device="cuda")
+    ours = GpuDecoder.from_model(reference)
+    cache = allocate_kv_cache(reference, 8, 16)
+    graphs = DecodeGraphs(ours, cache, max_num_seqs=16)  # buckets 1..8 fusable, 16 not
+    graphs.capture()
+    assert set(graphs.choices) == {1, 2, 4, 8}
+    for rows, choice in graphs.choices.items():
+        print(f"rows {rows}: fused {choice['fused_ms']:.3f} ms, unfused {choice['plain_ms']:.3f} ms")
+        assert graphs.is_fused[rows] is (choice["fused_ms"] < choice["plain_ms"])
+        assert {row["projection"] for row in choice["gemv"]} == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert graphs.is_fused[16] is False

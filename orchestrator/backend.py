@@ -8,7 +8,7 @@ and an in-process fake for tests (orchestrator/fake_backend.py).
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -65,6 +65,10 @@ class Timings:
     ttft_s: float = 0.0  # as the backend saw it; the router reports its own, measured from request arrival
     tpot_s: float = 0.0
     kv_bytes: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the prefill replica took from its prefix cache instead of computing
+    # Payload bytes of each tier's collectives for this request, by kind (mesh/comm.py), summed over its ranks.
+    prefill_comm_bytes: Mapping[str, int] = field(default_factory=dict)
+    decode_comm_bytes: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("queue_s", "prefill_s", "kv_transfer_s", "ttft_s", "tpot_s"):
@@ -73,6 +77,12 @@ class Timings:
                 raise ValueError(f"Timings.{name} must be a finite number >= 0, got {value}")
         if self.kv_bytes < 0:
             raise ValueError(f"Timings.kv_bytes must be >= 0, got {self.kv_bytes}")
+        if self.num_cached_tokens < 0:
+            raise ValueError(f"Timings.num_cached_tokens must be >= 0, got {self.num_cached_tokens}")
+        for name in ("prefill_comm_bytes", "decode_comm_bytes"):
+            for kind, num_bytes in getattr(self, name).items():
+                if not (isinstance(kind, str) and isinstance(num_bytes, int) and num_bytes >= 0):
+                    raise ValueError(f"Timings.{name} maps kind names to byte counts >= 0, got {kind!r}: {num_bytes!r}")
 
 
 @dataclass(frozen=True)

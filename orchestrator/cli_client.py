@@ -87,7 +87,17 @@ def _summary(chunk) -> str:
         f"completion_tokens={chunk.usage.completion_tokens} ttft={timings['ttft_ms']:.1f}ms "
         f"tpot={timings['tpot_ms']:.1f}ms e2e={timings['e2e_ms']:.1f}ms "
         f"replicas={chunk.prefill_replica or '-'}->{chunk.decode_replica or '-'}"
-    )
+    ) + _comm_summary(timings)
+
+
+def _comm_summary(timings: dict) -> str:
+    """ kv=<bytes> and each tier's collective bytes by kind, when the request moved any (multi-rank replicas)."""
+    parts = [f" kv={timings['kv_bytes']}B"] if timings.get("kv_bytes") else []
+    for tier in ("prefill", "decode"):
+        by_kind = timings.get(f"{tier}_comm_bytes") or {}
+        if by_kind:
+            parts.append(f" {tier}_comm=" + ",".join(f"{kind}:{n}B" for kind, n in sorted(by_kind.items())))
+    return "".join(parts)
 
 
 def add_status_args(parser: argparse.ArgumentParser) -> None:

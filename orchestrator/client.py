@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -75,7 +76,8 @@ class Chunk:
     request_id: str = ""
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" on the last chunk
     usage: Usage | None = None
-    timings: dict[str, float] | None = None  # *_ms keys (queue, prefill, kv_transfer, ttft, tpot, e2e) + kv_bytes
+    # *_ms keys (queue, prefill, kv_transfer, ttft, tpot, e2e), kv_bytes, and {prefill,decode}_comm_bytes: kind -> bytes
+    timings: dict[str, Any] | None = None
     prefill_replica: str | None = None
     decode_replica: str | None = None
 
@@ -121,8 +123,11 @@ def build_request(
 def chunk_from_response(response: generation_pb2.GenerateResponse) -> Chunk:
     if response.finish_reason == generation_pb2.FINISH_REASON_UNSPECIFIED:
         return Chunk(token_ids=list(response.token_ids), text=response.text, request_id=response.request_id)
-    timings: dict[str, float] = {name: getattr(response.timings, name) for name in _TIMING_FIELDS}
+    timings: dict[str, Any] = {name: getattr(response.timings, name) for name in _TIMING_FIELDS}
     timings["kv_bytes"] = response.timings.kv_bytes
+    # Payload bytes of each tier's collectives for the request, by kind (absent kinds moved nothing).
+    timings["prefill_comm_bytes"] = dict(response.timings.prefill_comm_bytes)
+    timings["decode_comm_bytes"] = dict(response.timings.decode_comm_bytes)
     return Chunk(
         token_ids=list(response.token_ids),
         text=response.text,

@@ -63,6 +63,8 @@ class ClusterMetrics:
         self.kv_seconds = Histogram("pdcluster_kv_transfer_seconds",
                                     "KV shipping time per request after the prefill forward ended",
                                     replicas, buckets=_KV_SECONDS_BUCKETS, registry=r)
+        self.comm_bytes = Counter("pdcluster_comm_bytes", "Payload bytes of the replicas' collectives, summed over "
+                                  "their ranks, by kind (mesh/comm.py) and tier", ["kind", "tier"], registry=r)
         self.replica_requests = Counter("pdcluster_replica_requests", "Requests per replica, by how they ended there",
                                         ["tier", "replica", "outcome"], registry=r)
         self.replica_up = Gauge("pdcluster_replica_up", "1 while the replica is ready and answers", ["tier", "replica"],
@@ -106,6 +108,9 @@ class ClusterMetrics:
             self.generation_tokens.labels(pair[1] if record.decode_replica else pair[0]).inc(record.completion_tokens)
         if record.completion_tokens > 1:
             self.tpot.labels(*pair).observe(record.tpot_ms / 1e3)
+        for tier, by_kind in (("prefill", record.prefill_comm_bytes), ("decode", record.decode_comm_bytes)):
+            for kind, num_bytes in by_kind.items():  # moved whether or not the request then completed
+                self.comm_bytes.labels(kind, tier).inc(num_bytes)
         if record.code != "OK":
             return
         self.e2e.labels(*pair).observe(record.e2e_ms / 1e3)

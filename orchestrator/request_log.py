@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 REQUEST_LOGGER_NAME = "pdcluster.requests"
 
@@ -56,6 +56,9 @@ class RequestRecord:
     prefill_ms: float = 0.0
     kv_transfer_ms: float = 0.0  # KV shipping after the prefill forward (the part that did not overlap it)
     kv_bytes: int = 0
+    # Payload bytes of the tiers' collectives for this request, by kind (mesh/comm.py); empty on one-rank replicas.
+    prefill_comm_bytes: dict = field(default_factory=dict)
+    decode_comm_bytes: dict = field(default_factory=dict)
     ttft_ms: float = 0.0  # from the call's arrival at the router to the first token
     tpot_ms: float = 0.0  # mean time per output token after the first
     e2e_ms: float = 0.0  # from arrival to the end of the call

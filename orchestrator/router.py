@@ -96,6 +96,8 @@ class _RequestTrace:
             tpot_ms=tpot_ms,
             e2e_ms=(end_time - self.arrival_time) * 1e3,
             kv_bytes=backend.kv_bytes,
+            prefill_comm_bytes=dict(backend.prefill_comm_bytes),
+            decode_comm_bytes=dict(backend.decode_comm_bytes),
         )
 
     def timings_proto(self) -> generation_pb2.Timings:
@@ -252,7 +254,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=spec.request_id,
             text=tail_text,
             finish_reason=_FINISH_REASON_ENUM[finish_reason],
-            usage=generation_pb2.Usage(prompt_tokens=len(spec.prompt_token_ids), completion_tokens=trace.num_completion_tokens),
+            usage=generation_pb2.Usage(prompt_tokens=len(spec.prompt_token_ids), completion_tokens=trace.num_completion_tokens,
+                                       cached_prompt_tokens=trace.backend_timings.num_cached_tokens),
             timings=trace.timings_proto(),
             prefill_replica=trace.prefill_replica,
             decode_replica=trace.decode_replica,

@@ -35,7 +35,8 @@ def test_stream_carries_tokens_text_and_a_final_message(client):
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (6, 10)
     assert (last.prefill_replica, last.decode_replica) == (PREFILL_REPLICA, DECODE_REPLICA)
     timings = last.timings
-    assert set(timings) == {"queue_ms", "prefill_ms", "kv_transfer_ms", "ttft_ms", "tpot_ms", "e2e_ms", "kv_bytes"}
+    assert set(timings) == {"queue_ms", "prefill_ms", "kv_transfer_ms", "ttft_ms", "tpot_ms", "e2e_ms", "kv_bytes",
+                            "prefill_comm_bytes", "decode_comm_bytes"}
     assert 0 < timings["ttft_ms"] <= timings["e2e_ms"]
     assert timings["tpot_ms"] > 0
     # The fake backend's own figures pass through, converted to ms.

@@ -2,6 +2,7 @@
 
   pdcluster serve [CONFIG] [--port N]        run a cluster in the foreground (Ctrl-C stops it cleanly)
         [--openai PORT] [--metrics-port PORT]  with the OpenAI-compatible HTTP API / Prometheus /metrics
+        [--keep-tiers]                         tiers outlive the router; a later serve re-attaches to them
   pdcluster demo [CONFIG]                    start the default cluster, stream a few requests, print figures, stop
   pdcluster generate --address H:P PROMPT    stream one completion from a running cluster
   pdcluster status --address H:P [--json]    tiers, replicas, load and free KV blocks
@@ -9,6 +10,7 @@
   pdcluster apply CONFIG --address H:P       change a running deployment to match the file (--dry-run: plan only)
   pdcluster launch CONFIG [--print]          start a Ray cluster for the file (ray up) and deploy on it
   pdcluster down CONFIG                      stop serving and take the launched cluster down
+  pdcluster down CONFIG --tiers              only remove the tiers a --keep-tiers / detach_tiers serve left running
   pdcluster plan --preset NAME --gpu H200:8  choose each tier's mesh and replica count for latency targets
   pdcluster calibrate                        measure this machine's ceilings for the planner
 
@@ -63,6 +65,8 @@ def cmd_serve(args) -> int:
     config = _load(args.config, args.port)
     config = _with_endpoint(config, "gateway", args.openai, "--openai")
     config = _with_endpoint(config, "metrics", args.metrics_port, "--metrics-port")
+    if args.keep_tiers:
+        config = _keep_tiers(config)
     # --log-level or PDCLUSTER_LOG_LEVEL win over cluster.yaml's logging.level
     configure_logging(args.log_level or os.environ.get("PDCLUSTER_LOG_LEVEL") or config.logging.level)
     stop = threading.Event()
@@ -73,12 +77,38 @@ def cmd_serve(args) -> int:
         cluster.start()
         print(f"pdcluster: serving; try `pdcluster generate --address {cluster.address} \"Hello\"`. "
               "Ctrl-C stops.", file=sys.stderr, flush=True)
+        if config.router.detach_tiers:
+            print("pdcluster: the tiers are detached: stopping this router leaves them running for the next "
+                  f"`pdcluster serve` of this file; `pdcluster down {args.config or 'CONFIG'} --tiers` removes "
+                  "them", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             pass
         print("pdcluster: shutting down (finishing in-flight requests) ...", file=sys.stderr, flush=True)
     finally:
         cluster.stop()
     print("pdcluster: stopped", file=sys.stderr)
+    return 0
+
+
+def _keep_tiers(config):
+    """--keep-tiers: router.detach_tiers on (validated as the file would be: it needs ray.address)."""
+    from orchestrator.config import ConfigError
+
+    if not config.ray.address:
+        raise ConfigError("router.detach_tiers", "--keep-tiers needs a Ray cluster that outlives the router: set "
+                          "ray.address (a local Ray instance started by `pdcluster serve` ends with it)")
+    return dataclasses.replace(config, router=dataclasses.replace(config.router, detach_tiers=True))
+
+
+def cmd_down(args) -> int:
+    """`down CONFIG --tiers`: remove detached tiers (no router needed); else the launched cluster's ray down."""
+    if not args.tiers:
+        from orchestrator import cli_launch
+
+        return cli_launch.run_down(args)
+    from orchestrator.tier_attach import remove_detached
+
+    remove_detached(load_config(args.config))
     return 0
 
 
@@ -144,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the OpenAI-compatible HTTP API on this port (overrides gateway.port)")
     serve.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics on this port (overrides metrics.port)")
+    serve.add_argument("--keep-tiers", action="store_true",
+                       help="the tiers outlive this router (router.detach_tiers; needs ray.address): stopping it "
+                            "leaves them running and a later serve of the same file re-attaches to them")
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="start a cluster, stream a few concurrent requests, print figures, stop")
@@ -184,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(func=cli_launch.run_launch)
     down = sub.add_parser("down", help="stop serving and take a launched Ray cluster down (ray down)")
     cli_launch.add_down_args(down)
-    down.set_defaults(func=cli_launch.run_down)
+    down.add_argument("--tiers", action="store_true",
+                      help="only remove the detached tiers of this file's cluster (left by serve --keep-tiers)")
+    down.set_defaults(func=cmd_down)
 
     from orchestrator.planner.cli import add_subcommands as add_planner_subcommands
 

@@ -92,7 +92,7 @@ class ClusterBackend:
                                f"no decode replica has KV space for this request: {reasons}")
         raise BackendError(grpc.StatusCode.UNAVAILABLE, f"no decode replica could take the request: {reasons}")
 
-    def _pick_prefill(self) -> ReplicaHandle:
+    def _pick_prefill(self, spec: RequestSpec) -> ReplicaHandle:
         candidates = self._ready("prefill")
         if not candidates:
             raise BackendError(grpc.StatusCode.UNAVAILABLE, "no prefill replica is ready")
@@ -134,7 +134,7 @@ class ClusterBackend:
         params = spec.params
         decode = reservation = stream = None
         decode_released = False  # True once the decode replica freed the request itself (its stream finished)
-        prefill = self._pick_prefill()
+        prefill = self._pick_prefill(spec)
         prefill_pending = True
         self._bump(prefill, +1)
         outcome = "cancelled"  # for the metrics: unless it finishes or fails below (router stopped listening)
@@ -191,7 +191,9 @@ class ClusterBackend:
             except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
                 raise _ReplicaFailed(f"decode on {decode.replica_id} failed: {_cause(exc)}", [decode]) from None
             if finish_reason == "error":
-                raise BackendError(grpc.StatusCode.INTERNAL, f"decode replica {decode.replica_id} failed a step")
+                # A step failed on the replica (on a multi-rank mesh: a rank died under it). Every token streamed so
+                # far is known, so the request is retried elsewhere like any other replica failure.
+                raise _ReplicaFailed(f"decode replica {decode.replica_id} failed a step", [decode])
             timings["tpot_s"] = (time.monotonic() - prefill_done) / max(1, num_tokens - 1)
             outcome = "finished"
             yield FinishEvent(finish_reason=finish_reason, timings=Timings(**timings), **replicas)
@@ -236,7 +238,10 @@ class ClusterBackend:
           - it is alive but slow to answer (busy under a burst): it stays in rotation unless it has been slow for
             longer than router.replica_timeout_s;
           - it answers again after being out: if its process changed (Ray restarted it), it is started again (its
-            KV server gets a new address) and counted as a restart; either way it comes back into rotation."""
+            KV server gets a new address) and counted as a restart; either way it comes back into rotation;
+          - a multi-rank replica still dead after being taken out is restarted whole (Ray restarts only one-rank
+            replicas: a lone rank cannot rejoin its mesh): every rank replaced in its placement group, the mesh
+            formed again, at most <tier>.max_restarts times."""
         while True:
             handles = [h for tier in ("prefill", "decode") for h in self.deployment.replicas(tier)
                        if h.state in ("ready", "dead")]
@@ -252,12 +257,44 @@ class ClusterBackend:
                 if verdict == "dead":
                     if handle.state == "ready":
                         self._take_out(handle, "failed its health check")
+                    elif handle.workers:
+                        self._restart_mesh(handle)
                     continue
                 known_pid = handle.info.setdefault("pid", pid)
                 if handle.state == "dead" or pid != known_pid:  # a new process: Ray restarted it
                     await self._bring_back(handle, restarted=pid != known_pid)
                     handle.info["pid"] = pid
             await asyncio.sleep(interval_s)
+
+    def _restart_mesh(self, handle: ReplicaHandle) -> None:
+        """Replace every rank of a dead multi-rank replica, in the background; it is `starting` meanwhile (out of
+        rotation, not probed) and comes back through _bring_back once its new rank 0 has started."""
+        section = handle.section or getattr(self.deployment.config, handle.tier)
+        if handle.info.get("restarts", 0) >= section.max_restarts:
+            if not handle.info.get("gave_up"):
+                handle.info["gave_up"] = True
+                log.error("replica %s is dead and has used its %d restart(s) (%s.max_restarts); it stays out",
+                          handle.replica_id, section.max_restarts, handle.tier)
+            return
+        handle.state = "starting"
+        log.warning("replica %s: restarting all %d ranks of its mesh", handle.replica_id, 1 + len(handle.workers))
+
+        async def restart() -> None:
+            try:
+                info = await self.deployment.restart_replica(handle)
+            except Exception as exc:
+                log.warning("replica %s could not be restarted: %s", handle.replica_id, _cause(exc))
+                handle.state = "dead"
+                return
+            handle.info.update(info)
+            handle.info.pop("pid", None)  # the new process; _bring_back's ping records nothing stale
+            if handle.state == "starting":
+                handle.node_ip = info.get("node_ip", handle.node_ip)
+                await self._bring_back(handle, restarted=True)
+
+        task = asyncio.ensure_future(restart())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
 
     def _take_out(self, handle: ReplicaHandle, why: str) -> None:
         handle.state = "dead"

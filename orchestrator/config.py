@@ -49,6 +49,9 @@ class RouterSection:
     tls_cert: str | None = None  # PEM files; cert + key turn TLS on
     tls_key: str | None = None
     tls_client_ca: str | None = None  # clients must present a certificate signed by this CA (mutual TLS)
+    # True: the tiers outlive the router (Ray detached actors); a new router with the same file re-attaches to them,
+    # and stopping the router leaves them running (docs/cluster-operations.md, "Router restart").
+    detach_tiers: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +122,7 @@ class RaySection:
     address: str | None = None  # None: start a local Ray instance; "auto" or host:port joins a cluster
     num_cpus: int | None = None  # logical CPUs of the local instance (None: enough for the tiers)
     placement_timeout_s: float | None = None  # how long a replica may wait for room (None: 60 s)
+    namespace: str | None = None  # Ray namespace of detached tiers (None: pdcluster-<model name>-<router port>)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,7 +403,8 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
 
     router_raw = _section(raw, "router")
     _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens",
-                                 "max_streams_per_client", "max_retries", "replica_timeout_s", "auth", "tls"),
+                                 "max_streams_per_client", "max_retries", "replica_timeout_s", "auth", "tls",
+                                 "detach_tiers"),
                     "router.")
     port = _int(router_raw, "port", "router.", 50051, minimum=0)
     if port > 65535:
@@ -414,6 +419,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         max_streams_per_client=_int(router_raw, "max_streams_per_client", "router.", None, minimum=1),
         max_retries=_int(router_raw, "max_retries", "router.", 2, minimum=0),
         replica_timeout_s=_float(router_raw, "replica_timeout_s", "router.", 30.0),
+        detach_tiers=_bool(router_raw, "detach_tiers", "router.", False),
         **_parse_router_security(router_raw, base_dir),
     )
 
@@ -427,12 +433,13 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     )
 
     ray_raw = _section(raw, "ray")
-    _reject_unknown(ray_raw, ("address", "num_cpus", "placement_timeout_s"), "ray.")
+    _reject_unknown(ray_raw, ("address", "num_cpus", "placement_timeout_s", "namespace"), "ray.")
     ray_section = RaySection(
         address=_str(ray_raw, "address", "ray.", None),
         num_cpus=_int(ray_raw, "num_cpus", "ray.", None, minimum=1),
         placement_timeout_s=(_float(ray_raw, "placement_timeout_s", "ray.", 60.0)
                              if ray_raw.get("placement_timeout_s") is not None else None),
+        namespace=_str(ray_raw, "namespace", "ray.", None),
     )
 
     config = ClusterConfig(
@@ -454,6 +461,9 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         config = dataclasses.replace(config, ray=apply_launch_rules(config.launch, config.ray, config.tiers()))
     # Degrees against the model (heads, layers, experts) are checked at deploy time, once the model is at hand
     # (orchestrator/deploy.py validate_mesh); here only what no model can make valid.
+    if config.router.detach_tiers and not config.ray.address:
+        raise ConfigError("router.detach_tiers", "needs a Ray cluster that outlives the router: set ray.address "
+                          "(a local Ray instance started by `pdcluster serve` ends with it)")
     if config.decode.mesh.cp != 1:
         raise ConfigError("decode.mesh.cp", f"context parallelism is for prefill; decode replicas run cp: 1 "
                           f"(got {config.decode.mesh.cp}); use tp or pp to spread a decode replica")

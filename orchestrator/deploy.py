@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mesh.parallel import MeshShape
 from orchestrator.config import ClusterConfig, ConfigError, TierSection
+from orchestrator.tier_registry import create_registry, find_registry, tier_namespace
 
 log = logging.getLogger("pdcluster.deploy")
 
@@ -49,6 +50,7 @@ class ReplicaHandle:
     accelerator: str = ""  # that node's accelerator type (its `accelerator_type:*` resource), "" if none
     state: str = "starting"  # starting -> ready -> draining -> removed (or dead)
     workers: list = field(default_factory=list)  # ranks 1..world-1 (actor handles), driven by rank 0
+    generation: int = 0  # how many times its rank actors were replaced (restart_replica); part of their names
 
 
 def ensure_model(config: ClusterConfig, *, out=sys.stderr) -> None:
@@ -123,19 +125,31 @@ def _project_root() -> str:
 
 
 class Deployment:
-    def __init__(self, config: ClusterConfig):
+    def __init__(self, config: ClusterConfig, *, token: str | None = None):
         self.config = config
-        self.token = secrets.token_hex(16)  # KV-transfer peers must present it in their handshake
+        # KV-transfer peers must present it in their handshake (re-attached tiers keep the one they started with)
+        self.token = token or secrets.token_hex(16)
         self.prefill: list[ReplicaHandle] = []
         self.decode: list[ReplicaHandle] = []
         self._counters = {"prefill": 0, "decode": 0}
+        # router.detach_tiers: ranks and placement groups outlive this process (orchestrator/tier_registry.py)
+        self.is_detached = config.router.detach_tiers
+        self.namespace = tier_namespace(config) if self.is_detached else None
+        self._registry = None
+        self.num_attached = 0  # replicas taken over from an earlier router (detached tiers only)
 
     @classmethod
     def start(cls, config: ClusterConfig, *, out=sys.stderr) -> "Deployment":
+        """Place and start both tiers; with router.detach_tiers, first re-attach to the replicas an earlier router
+        of the same cluster left running (tier_registry.py) and start only what is missing."""
         ensure_model(config, out=out)
         for tier in config.tiers():  # a mesh the model cannot take fails before anything is started
             validate_mesh(tier, config.model.path)
         connect_ray(config)
+        if config.router.detach_tiers:
+            from orchestrator.tier_attach import attach_or_create
+
+            return attach_or_create(cls, config, out=out)
         deployment = cls(config)
         try:
             # Both tiers at once: every rank's start (process, imports, weights) overlaps with the others'.
@@ -158,6 +172,24 @@ class Deployment:
         handle.state = "removed"
         self.replicas(handle.tier).remove(handle)
         _kill(handle)
+        if self._registry is not None:
+            self._registry.drop.remote(handle.replica_id)
+
+    def restart_replica(self, handle: ReplicaHandle):
+        """Replace every rank actor of a replica (a multi-rank mesh cannot take one rank back: the world is formed
+        again from scratch) in its placement group, which keeps its reserved resources (Ray re-places it when its
+        node died). Returns the new rank 0's start() ref; the caller (the router's health loop) awaits it and puts
+        the replica back into rotation. Who calls it: orchestrator/cluster.py, and re-attach for a dead replica."""
+        for actor in [handle.actor, *handle.workers]:
+            try:
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        handle.generation += 1
+        ref = self._start_actor(handle.section or getattr(self.config, handle.tier), handle)
+        self._record(handle)
+        return ref
 
     def update_tier(self, tier: TierSection) -> None:
         """Record the tier settings that replicas started from now on use (after `pdcluster apply`)."""
@@ -193,6 +225,7 @@ class Deployment:
                 raise DeploymentError(f"{handle.replica_id} failed to start: {exc.cause}") from None
             handle.state = "ready"
             handle.node_ip = handle.info.get("node_ip", "")
+            self._record(handle)
             where = f"on {handle.info['device']}; " if handle.info.get("device") else ""
             cache = f"; {handle.info['kv_cache']}" if handle.info.get("kv_cache") else ""
             print(f"pdcluster: {handle.replica_id} ready ({where}{time.monotonic() - started:.1f} s){cache}", file=out,
@@ -210,7 +243,8 @@ class Deployment:
         timeout_s = self.config.ray.placement_timeout_s or PLACEMENT_TIMEOUT_S
         strategy = "SPREAD" if tier.placement == "spread" else "PACK"
         pg = placement_group([dict(bundle) for _ in range(tier.mesh.world_size)], strategy=strategy,
-                             name=f"pdcluster-{replica_id}-{self.token[:6]}")
+                             name=f"pdcluster-{replica_id}-{self.token[:6]}",
+                             **({"lifetime": "detached"} if self.is_detached else {}))
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
@@ -238,9 +272,10 @@ class Deployment:
         def options(rank: int, max_restarts: int) -> dict:
             strategy = PlacementGroupSchedulingStrategy(placement_group=handle.placement_group,
                                                         placement_group_bundle_index=rank)
-            name = handle.replica_id + (f"-rank{rank}" if rank else "") + "-" + self.token[:6]
+            name = self.actor_name(handle, rank)
             return dict(num_cpus=num_cpus, num_gpus=float(tier.resources.get("num_gpus", 0) or 0),
-                        scheduling_strategy=strategy, max_concurrency=1000, name=name, max_restarts=max_restarts)
+                        scheduling_strategy=strategy, max_concurrency=1000, name=name, max_restarts=max_restarts,
+                        **self._lifetime())
 
         # A rank of a multi-rank replica cannot rejoin its world on its own, so Ray restarts only one-rank replicas.
         restarts = tier.max_restarts if mesh.world_size == 1 else 0
@@ -262,6 +297,7 @@ class Deployment:
                 workers=handle.workers, **common)
             return handle.actor.start.remote()
         from prefill_tier.rank_worker import PrefillRankWorker
+        from prefill_tier.prefix_cache import PrefixCacheConfig
         from prefill_tier.replica import PrefillReplica
 
         common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, kv_backend=cfg.kv_transfer.backend,
@@ -270,14 +306,51 @@ class Deployment:
             replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
         handle.actor = ray.remote(PrefillReplica).options(**options(0, restarts)).remote(
             replica_id=handle.replica_id, max_batch_tokens=tier.max_batch_tokens,
+            prefix_cache=PrefixCacheConfig(max_tokens=tier.prefix_cache.max_tokens,
+                                           block_size=tier.prefix_cache.block_size),
             max_batch_seqs=tier.max_batch_seqs, mesh=mesh, workers=handle.workers, **common)
         return handle.actor.start.remote()
 
     def shutdown(self) -> None:
-        """Kill every actor and free its placement group. Safe to call twice."""
+        """Kill every actor and free its placement group (detached tiers and their registry included). Safe to
+        call twice."""
         for handle in self.prefill + self.decode:
             _kill(handle)
         self.prefill, self.decode = [], []
+        if self._registry is not None:
+            try:
+                ray.kill(self._registry, no_restart=True)
+            except Exception:
+                pass
+            self._registry = None
+
+    def release(self) -> None:
+        """Let go of detached tiers without stopping them (the router stops, the replicas keep running for the
+        next router to re-attach). A deployment that is not detached is shut down instead: its actors belong to
+        this process and could not be found again."""
+        if not self.is_detached:
+            self.shutdown()
+            return
+        self.prefill, self.decode = [], []
+        self._registry = None
+
+    def actor_name(self, handle: ReplicaHandle, rank: int) -> str:
+        """The Ray name of one rank actor: unique per deployment (token) and per restart (generation)."""
+        return (handle.replica_id + (f"-rank{rank}" if rank else "")
+                + (f"-g{handle.generation}" if handle.generation else "") + "-" + self.token[:6])
+
+    def _lifetime(self) -> dict:
+        """Ray actor options that make a rank outlive this process (detached tiers only), in the tiers' namespace
+        so the next router finds it by name."""
+        return {"lifetime": "detached", "namespace": self.namespace} if self.is_detached else {}
+
+    def _record(self, handle: ReplicaHandle) -> None:
+        """Tell the registry (detached tiers) how to find this replica again."""
+        if self._registry is None:
+            return
+        record = {"tier": handle.tier, "section": handle.section, "placement_group": handle.placement_group,
+                  "generation": handle.generation, "world_size": 1 + len(handle.workers)}
+        self._registry.put.remote(handle.replica_id, record, dict(self._counters))
 
 
 def _placed_on(pg: PlacementGroup) -> tuple[str, str]:

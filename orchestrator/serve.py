@@ -152,8 +152,11 @@ class RunningCluster:
             return
         loop.default_exception_handler(context)
 
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Stop accepting requests, let in-flight ones finish for up to grace_s, then tear the tiers down."""
+    def stop(self, grace_s: float = 5.0, *, remove_tiers: bool | None = None) -> None:
+        """Stop accepting requests, let in-flight ones finish for up to grace_s, then tear the tiers down.
+        remove_tiers: None (default) removes them unless cluster.yaml sets router.detach_tiers, in which case they
+        keep running for the next router; True removes detached tiers too; False keeps them (detached only: tiers
+        that are not detached belong to this process and always go)."""
         self._stopping = True
         if getattr(self, "_health_task", None) is not None:
             self._health_task.cancel()
@@ -184,7 +187,11 @@ class RunningCluster:
                 self._thread.join(timeout=10)
             self._loop = None
         if self.deployment is not None:
-            self.deployment.shutdown()
+            keep = self.config.router.detach_tiers if remove_tiers is None else not remove_tiers
+            if keep:
+                self.deployment.release()
+            else:
+                self.deployment.shutdown()
             self.deployment = None
 
     def __enter__(self) -> "RunningCluster":

@@ -34,6 +34,12 @@ class ModelSection:
     name: str = ""  # shown in status; defaults to the directory name
 
 
+def _default_disaggregation():
+    from orchestrator.config_colocate import DisaggregationSection  # lazy: that module builds on the helpers below
+
+    return DisaggregationSection()
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterSection:
     host: str = "127.0.0.1"
@@ -52,6 +58,8 @@ class RouterSection:
     # True: the tiers outlive the router (Ray detached actors); a new router with the same file re-attaches to them,
     # and stopping the router leaves them running (docs/cluster-operations.md, "Router restart").
     detach_tiers: bool = False
+    # Which prompts skip the prefill tier and are prefilled on their decode replica (orchestrator/config_colocate.py).
+    disaggregation: "DisaggregationSection" = field(default_factory=_default_disaggregation)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +108,8 @@ class TierSection:
     gpu_memory_fraction: float = 0.9  # share of each GPU the rank may fill (weights + activations + KV cache)
     block_size: int = 16
     max_num_seqs: int = 64
+    # decode: tokens one engine step feeds, decode rows first, local-prefill prompt chunks in the rest (None: prefill)
+    max_step_tokens: int | None = None
     max_restarts: int = 3  # Ray restarts a dead replica this many times
     placement: str = "pack"  # a replica's ranks on one node ("pack", the default) or across nodes ("spread")
     policy: str = "least-loaded"  # which replica of this tier gets a request; unset in cluster.yaml: router.policy
@@ -155,6 +165,12 @@ class ClusterConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     launch: "LaunchSection | None" = None  # the Ray cluster `pdcluster launch` starts (orchestrator/config_launch.py)
     source: str = ""  # file it came from, for messages
+    # "colocated": no prefill tier (its section has 0 replicas); every decode replica prefills its own prompts.
+    mode: str = "disaggregated"
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.mode == "colocated"
 
     def tiers(self) -> tuple[TierSection, TierSection]:
         return (self.prefill, self.decode)
@@ -296,6 +312,7 @@ def _parse_tier(raw: dict, name: str, default_policy: str = "least-loaded") -> T
                "num_kv_blocks", "gpu_memory_fraction", "block_size", "max_num_seqs", "max_restarts", "placement",
                "autoscale")
     allowed += ("policy", "prefix_cache", "prefix_routing")
+    allowed += ("max_step_tokens",)
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -328,12 +345,20 @@ def _parse_tier(raw: dict, name: str, default_policy: str = "least-loaded") -> T
         max_num_seqs=_int(raw, "max_num_seqs", p, 64, minimum=1),
         max_restarts=_int(raw, "max_restarts", p, 3, minimum=0),
         placement=_str(raw, "placement", p, "pack", ("pack", "spread")),
+        max_step_tokens=_parse_step_tokens(raw, name, bool(resources.get("num_gpus"))),
         policy=policy,
         **_parse_prefix(raw, name, policy),
         autoscale=_parse_autoscale(raw.get("autoscale"), name, replicas=replicas, tier_min=min_replicas,
                                    tier_max=max_replicas),
     )
     return tier
+
+
+def _parse_step_tokens(raw: dict, name: str, uses_gpu: bool) -> int | None:
+    from orchestrator.config_colocate import parse_max_step_tokens  # lazy: that module builds on the helpers above
+
+    max_num_seqs = _int(raw, "max_num_seqs", f"{name}.", 64, minimum=1)
+    return parse_max_step_tokens(raw, name, max_num_seqs=max_num_seqs, uses_gpu=uses_gpu)
 
 
 def _parse_autoscale(raw, name: str, **bounds):
@@ -384,7 +409,10 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     if not isinstance(raw, dict):
         raise ConfigError("(top level)", f"expected a mapping of sections, got {type(raw).__name__}")
     _reject_unknown(raw, ("model", "router", "prefill", "decode", "kv_transfer", "ray", "metrics", "gateway",
-                         "logging", "launch"), "")
+                         "logging", "launch", "mode"), "")
+    from orchestrator.config_colocate import parse_disaggregation, parse_mode  # lazy: builds on the helpers above
+
+    mode = parse_mode(raw)
 
     model_raw = _section(raw, "model")
     _reject_unknown(model_raw, ("path", "preset", "dtype", "name"), "model.")
@@ -404,8 +432,11 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     router_raw = _section(raw, "router")
     _reject_unknown(router_raw, ("host", "port", "policy", "max_inflight", "max_message_bytes", "max_prompt_tokens",
                                  "max_streams_per_client", "max_retries", "replica_timeout_s", "auth", "tls",
-                                 "detach_tiers"),
+                                 "detach_tiers", "disaggregation"),
                     "router.")
+    if mode == "colocated" and router_raw.get("disaggregation") is not None:
+        raise ConfigError("router.disaggregation", "applies to mode: disaggregated (in colocated mode every prompt is "
+                                                   "prefilled on its decode replica); remove it")
     port = _int(router_raw, "port", "router.", 50051, minimum=0)
     if port > 65535:
         raise ConfigError("router.port", f"{port} is not a TCP port (0-65535; 0 picks a free one)")
@@ -420,6 +451,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         max_retries=_int(router_raw, "max_retries", "router.", 2, minimum=0),
         replica_timeout_s=_float(router_raw, "replica_timeout_s", "router.", 30.0),
         detach_tiers=_bool(router_raw, "detach_tiers", "router.", False),
+        disaggregation=parse_disaggregation(router_raw),
         **_parse_router_security(router_raw, base_dir),
     )
 
@@ -445,7 +477,9 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
     config = ClusterConfig(
         model=model,
         router=router,
-        prefill=_parse_tier(_section(raw, "prefill"), "prefill", router.policy),
+        # colocated: a prefill tier of no replicas (parse_mode rejected a prefill section), so nothing is deployed
+        prefill=(_parse_tier(_section(raw, "prefill"), "prefill", router.policy) if mode == "disaggregated" else
+                 TierSection(name="prefill", replicas=0, min_replicas=0, max_replicas=0)),
         decode=_parse_tier(_section(raw, "decode"), "decode", router.policy),
         kv_transfer=kv,
         ray=ray_section,
@@ -454,6 +488,7 @@ def parse_config(raw: Any, *, base_dir: Path | None = None, source: str = "") ->
         logging=_parse_logging(_section(raw, "logging")),
         launch=_parse_launch(raw),
         source=source,
+        mode=mode,
     )
     if config.launch is not None:  # the file is served on the cluster it launches: Ray is that cluster
         from orchestrator.config_launch import apply_launch_rules

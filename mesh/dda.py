@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +130,7 @@ class DirectAccessGroup:
             raise DirectAccessUnavailable(f"torch has no symmetric memory: {error}") from error
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         try:
-            _prefer_cuda_backend(symm_mem, device)
+            _prefer_cuda_backend(symm_mem, device, group)
             buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
             flags = symm_mem.empty(num_flag_slots(world_size), dtype=torch.int32, device=device)
             flags.zero_()  # every slot empty before any peer can signal (the barrier below orders it)
@@ -243,13 +244,19 @@ class DirectAccessGroup:
             num_warps=shape.num_warps)
 
 
-def _prefer_cuda_backend(symm_mem: Any, device: torch.device) -> None:
+def _prefer_cuda_backend(symm_mem: Any, device: torch.device, group: Any) -> None:
     """CUDA IPC peer mappings (no NVSHMEM bootstrap, no multicast) unless this process already chose a backend."""
     try:
         if symm_mem.get_backend(device) is None:
             symm_mem.set_backend("CUDA")
     except (RuntimeError, AttributeError, ValueError):
         pass  # older torch without backends, or already fixed by an allocation: keep its default
+    with warnings.catch_warnings():  # a no-op (deprecated) on recent torch, required on older ones
+        warnings.simplefilter("ignore")
+        try:
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        except (AttributeError, RuntimeError):
+            pass
 
 
 def _element_splits(tensor: torch.Tensor, split_sizes: list[int] | None, world_size: int,

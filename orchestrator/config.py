@@ -117,6 +117,8 @@ class TierSection:
     prefix_routing: PrefixRoutingSection = field(default_factory=PrefixRoutingSection)  # prefill only
     # Optional SLO autoscaling of this tier's replica count (orchestrator/autoscale_config.py); None: fixed count.
     autoscale: "AutoscaleSection | None" = None
+    # GPU all-reduce / all-to-all algorithms of the rank mesh (direct access vs NCCL; mesh/collectives_config.py)
+    collectives: "CollectivesConfig | None" = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +315,7 @@ def _parse_tier(raw: dict, name: str, default_policy: str = "least-loaded") -> T
                "autoscale")
     allowed += ("policy", "prefix_cache", "prefix_routing")
     allowed += ("max_step_tokens",)
+    allowed += ("collectives",)
     _reject_unknown(raw, allowed, p)
     replicas = _int(raw, "replicas", p, 1, minimum=0)
     min_replicas = _int(raw, "min_replicas", p, 0, minimum=0)
@@ -350,8 +353,19 @@ def _parse_tier(raw: dict, name: str, default_policy: str = "least-loaded") -> T
         **_parse_prefix(raw, name, policy),
         autoscale=_parse_autoscale(raw.get("autoscale"), name, replicas=replicas, tier_min=min_replicas,
                                    tier_max=max_replicas),
+        collectives=_parse_collectives(raw.get("collectives"), name),
     )
     return tier
+
+
+def _parse_collectives(raw, name: str):
+    from mesh.collectives_config import CollectivesConfigError, parse_collectives_config  # lazy, pure Python
+
+    try:
+        return parse_collectives_config(raw)
+    except CollectivesConfigError as error:
+        key = f"{name}.collectives" + (f".{error.key}" if error.key else "")
+        raise ConfigError(key, error.detail) from None
 
 
 def _parse_step_tokens(raw: dict, name: str, uses_gpu: bool) -> int | None:

@@ -88,3 +88,18 @@ def test_cli_reports_a_bad_file_in_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pdcluster: cluster.yaml: decode.mesh.tp: expected an integer, got 'two'"
     assert "Traceback" not in proc.stderr
+
+
+def test_tier_collectives_parse_and_errors_name_the_key():
+    config = parse_config(_minimal(decode={"collectives": {"all_reduce": "one-shot", "one_shot_max_bytes": 65536,
+                                                           "buffer_bytes": 4 << 20}}))
+    assert config.decode.collectives.all_reduce == "one-shot"
+    assert config.decode.collectives.one_shot_max_bytes == 65536
+    assert config.prefill.collectives.all_reduce == "auto"  # absent: auto, measured at start-up
+    for raw, key in (({"all_reduce": "ring"}, "decode.collectives.all_reduce"),
+                     ({"buffer_bytes": 1000}, "decode.collectives.buffer_bytes"),
+                     ({"allreduce": "auto"}, "decode.collectives.allreduce"),
+                     ("nccl", "decode.collectives")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(_minimal(decode={"collectives": raw}))
+        assert err.value.key == key and key in str(err.value)

@@ -26,7 +26,7 @@ from mesh.parallel import MeshShape
 from decode_tier.replica import ReservationRefused
 from orchestrator.backend import BackendError, FinishEvent, ModelInfo, RequestSpec, Timings, TokenEvent
 from orchestrator.deploy import Deployment, ReplicaHandle
-from orchestrator.policies import get_policy
+from orchestrator.policies import PolicyOptions, get_policy
 
 log = logging.getLogger("pdcluster.cluster")
 
@@ -44,7 +44,9 @@ class ClusterBackend:
             max_context_len=model_config.max_position_embeddings,
             eos_token_ids=tuple(model_config.eos_token_ids),
         )
-        self._policy = get_policy(config.router.policy)
+        # One policy per tier (cluster.yaml <tier>.policy); self._policy picks decode replicas.
+        self._policy = get_policy(config.decode.policy, _policy_options(config.decode))
+        self._prefill_policy = get_policy(config.prefill.policy, _policy_options(config.prefill))
         self._max_retries = config.router.max_retries
         self._replica_timeout_s = config.router.replica_timeout_s
         # The router's own view of each replica's load, updated as it routes (no round trip per request).
@@ -96,7 +98,7 @@ class ClusterBackend:
         candidates = self._ready("prefill")
         if not candidates:
             raise BackendError(grpc.StatusCode.UNAVAILABLE, "no prefill replica is ready")
-        return next(iter(self._policy.order(candidates, self._load)))
+        return next(iter(self._prefill_policy.order(candidates, self._load, prompt_token_ids=spec.prompt_token_ids)))
 
     async def generate(self, spec: RequestSpec) -> AsyncIterator[TokenEvent | FinishEvent]:
         """One request; if a replica fails before the request finishes, it is retried on another replica
@@ -154,10 +156,12 @@ class ClusterBackend:
                                      [prefill] + ([decode] if decode else [])) from None
             self._bump(prefill, -1)
             prefill_pending = False
+            self._prefill_policy.record(prefill, spec.prompt_token_ids)  # its prefix cache now holds this prompt
             prefill_done = time.monotonic()
             first = result["first_token"]
             timings = dict(queue_s=result["queue_s"], prefill_s=result["prefill_s"], kv_transfer_s=result["kv_s"],
-                           kv_bytes=result["kv_bytes"], ttft_s=prefill_done - started)
+                           kv_bytes=result["kv_bytes"], num_cached_tokens=result.get("num_cached_tokens", 0),
+                           ttft_s=prefill_done - started)
             replicas = dict(prefill_replica=prefill.replica_id,
                             decode_replica=decode.replica_id if decode else "")
             ends_here = self._finishes(first, params)
@@ -310,6 +314,8 @@ class ClusterBackend:
                 return
             handle.info.update(info)
             handle.info["restarts"] = handle.info.get("restarts", 0) + 1
+        if restarted:  # a new process: whatever it had cached is gone
+            self._prefill_policy.forget(handle)
         handle.state = "ready"
         log.warning("replica %s is back in rotation%s", handle.replica_id,
                     f" (restart {handle.info['restarts']})" if restarted else "")
@@ -408,6 +414,12 @@ async def _stats(handle: ReplicaHandle, timeout_s: float = 5.0) -> dict | None:
         return await asyncio.wait_for(handle.actor.get_stats.remote(), timeout_s)
     except Exception:
         return None
+
+
+def _policy_options(section) -> PolicyOptions:
+    return PolicyOptions(block_size=section.prefix_cache.block_size,
+                         max_imbalance=section.prefix_routing.max_imbalance,
+                         index_blocks=section.prefix_routing.index_blocks)
 
 
 def _mesh_status(section) -> dict:

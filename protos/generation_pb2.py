@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x0cpdcluster.v1\"y\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pdcluster.v1.SamplingOptions\"\xd1\x01\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x8c\x03\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12G\n\x12prefill_comm_bytes\x18\x08 \x03(\x0b\x32+.pdcluster.v1.Timings.PrefillCommBytesEntry\x12\x45\n\x11\x64\x65\x63ode_comm_bytes\x18\t \x03(\x0b\x32*.pdcluster.v1.Timings.DecodeCommBytesEntry\x1a\x37\n\x15PrefillCommBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14\x44\x65\x63odeCommBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.pdcluster.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.pdcluster.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.pdcluster.v1.Timings\x12\x17\n\x0fprefill_replica\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x08 \x01(\t\"\x0f\n\rStatusRequest\";\n\tMeshShape\x12\n\n\x02tp\x18\x01 \x01(\r\x12\n\n\x02\x63p\x18\x02 \x01(\r\x12\n\n\x02pp\x18\x03 \x01(\r\x12\n\n\x02\x65p\x18\x04 \x01(\r\"6\n\x0bReplicaLoad\x12\x12\n\nnum_queued\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\"/\n\x08KvBlocks\x12\x10\n\x08num_free\x18\x01 \x01(\r\x12\x11\n\tnum_total\x18\x02 \x01(\r\"\x88\x02\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.pdcluster.v1.ReplicaState\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x04 \x01(\t\x12%\n\x04mesh\x18\x05 \x01(\x0b\x32\x17.pdcluster.v1.MeshShape\x12\'\n\x04load\x18\x06 \x01(\x0b\x32\x19.pdcluster.v1.ReplicaLoad\x12)\n\tkv_blocks\x18\x07 \x01(\x0b\x32\x16.pdcluster.v1.KvBlocks\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\r\x12\x10\n\x08restarts\x18\t \x01(\r\"\xdd\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x14\n\x0cnum_inflight\x18\x03 \x01(\r\x12,\n\x07prefill\x18\x04 \x03(\x0b\x32\x1b.pdcluster.v1.ReplicaStatus\x12+\n\x06\x64\x65\x63ode\x18\x05 \x03(\x0b\x32\x1b.pdcluster.v1.ReplicaStatus\x12\x32\n\tautoscale\x18\x06 \x03(\x0b\x32\x1f.pdcluster.v1.AutoscaleDecision\"\xb6\x01\n\x11\x41utoscaleDecision\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x15\n\rfrom_replicas\x18\x03 \x01(\r\x12\x13\n\x0bto_replicas\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\n\n\x02\x61t\x18\x06 \x01(\x01\x12\x12\n\ndemand_rps\x18\x07 \x01(\x01\x12\x14\n\x0c\x63\x61pacity_rps\x18\x08 \x01(\x01\x12\x11\n\tis_latest\x18\t \x01(\x08*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x96\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x32\x9e\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.pdcluster.v1.GenerateRequest\x1a\x1e.pdcluster.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1b.pdcluster.v1.StatusRequest\x1a\x1c.pdcluster.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17protos/generation.proto\x12\x0cpdcluster.v1\"y\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pdcluster.v1.SamplingOptions\"\xd1\x01\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x8c\x03\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nprefill_ms\x18\x02 \x01(\x01\x12\x16\n\x0ekv_transfer_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x05 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x06 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12G\n\x12prefill_comm_bytes\x18\x08 \x03(\x0b\x32+.pdcluster.v1.Timings.PrefillCommBytesEntry\x12\x45\n\x11\x64\x65\x63ode_comm_bytes\x18\t \x03(\x0b\x32*.pdcluster.v1.Timings.DecodeCommBytesEntry\x1a\x37\n\x15PrefillCommBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x36\n\x14\x44\x65\x63odeCommBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.pdcluster.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.pdcluster.v1.Usage\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.pdcluster.v1.Timings\x12\x17\n\x0fprefill_replica\x18\x07 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_replica\x18\x08 \x01(\t\"\x0f\n\rStatusRequest\";\n\tMeshShape\x12\n\n\x02tp\x18\x01 \x01(\r\x12\n\n\x02\x63p\x18\x02 \x01(\r\x12\n\n\x02pp\x18\x03 \x01(\r\x12\n\n\x02\x65p\x18\x04 \x01(\r\"6\n\x0bReplicaLoad\x12\x12\n\nnum_queued\x18\x01 \x01(\r\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\"/\n\x08KvBlocks\x12\x10\n\x08num_free\x18\x01 \x01(\r\x12\x11\n\tnum_total\x18\x02 \x01(\r\"\x88\x02\n\rReplicaStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.pdcluster.v1.ReplicaState\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x04 \x01(\t\x12%\n\x04mesh\x18\x05 \x01(\x0b\x32\x17.pdcluster.v1.MeshShape\x12\'\n\x04load\x18\x06 \x01(\x0b\x32\x19.pdcluster.v1.ReplicaLoad\x12)\n\tkv_blocks\x18\x07 \x01(\x0b\x32\x16.pdcluster.v1.KvBlocks\x12\x10\n\x08\x66\x61ilures\x18\x08 \x01(\r\x12\x10\n\x08restarts\x18\t \x01(\r\"\xdd\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmax_context_len\x18\x02 \x01(\r\x12\x14\n\x0cnum_inflight\x18\x03 \x01(\r\x12,\n\x07prefill\x18\x04 \x03(\x0b\x32\x1b.pdcluster.v1.ReplicaStatus\x12+\n\x06\x64\x65\x63ode\x18\x05 \x03(\x0b\x32\x1b.pdcluster.v1.ReplicaStatus\x12\x32\n\tautoscale\x18\x06 \x03(\x0b\x32\x1f.pdcluster.v1.AutoscaleDecision\"\xb6\x01\n\x11\x41utoscaleDecision\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x15\n\rfrom_replicas\x18\x03 \x01(\r\x12\x13\n\x0bto_replicas\x18\x04 \x01(\r\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\n\n\x02\x61t\x18\x06 \x01(\x01\x12\x12\n\ndemand_rps\x18\x07 \x01(\x01\x12\x14\n\x0c\x63\x61pacity_rps\x18\x08 \x01(\x01\x12\x11\n\tis_latest\x18\t \x01(\x08*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\x96\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x17\n\x13REPLICA_STATE_READY\x10\x02\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x03\x12\x16\n\x12REPLICA_STATE_DEAD\x10\x04\x32\x9e\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.pdcluster.v1.GenerateRequest\x1a\x1e.pdcluster.v1.GenerateResponse0\x01\x12\x43\n\x06Status\x12\x1b.pdcluster.v1.StatusRequest\x1a\x1c.pdcluster.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,38 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS_PREFILLCOMMBYTESENTRY']._serialized_options = b'8\001'
   _globals['_TIMINGS_DECODECOMMBYTESENTRY']._loaded_options = None
   _globals['_TIMINGS_DECODECOMMBYTESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1944
-  _globals['_FINISHREASON']._serialized_end=2093
-  _globals['_REPLICASTATE']._serialized_start=2096
-  _globals['_REPLICASTATE']._serialized_end=2246
+  _globals['_FINISHREASON']._serialized_start=1974
+  _globals['_FINISHREASON']._serialized_end=2123
+  _globals['_REPLICASTATE']._serialized_start=2126
+  _globals['_REPLICASTATE']._serialized_end=2276
   _globals['_GENERATEREQUEST']._serialized_start=41
   _globals['_GENERATEREQUEST']._serialized_end=162
   _globals['_SAMPLINGOPTIONS']._serialized_start=165
   _globals['_SAMPLINGOPTIONS']._serialized_end=374
   _globals['_USAGE']._serialized_start=376
-  _globals['_USAGE']._serialized_end=433
-  _globals['_TIMINGS']._serialized_start=436
-  _globals['_TIMINGS']._serialized_end=832
-  _globals['_TIMINGS_PREFILLCOMMBYTESENTRY']._serialized_start=721
-  _globals['_TIMINGS_PREFILLCOMMBYTESENTRY']._serialized_end=776
-  _globals['_TIMINGS_DECODECOMMBYTESENTRY']._serialized_start=778
-  _globals['_TIMINGS_DECODECOMMBYTESENTRY']._serialized_end=832
-  _globals['_GENERATERESPONSE']._serialized_start=835
-  _globals['_GENERATERESPONSE']._serialized_end=1082
-  _globals['_STATUSREQUEST']._serialized_start=1084
-  _globals['_STATUSREQUEST']._serialized_end=1099
-  _globals['_MESHSHAPE']._serialized_start=1101
-  _globals['_MESHSHAPE']._serialized_end=1160
-  _globals['_REPLICALOAD']._serialized_start=1162
-  _globals['_REPLICALOAD']._serialized_end=1216
-  _globals['_KVBLOCKS']._serialized_start=1218
-  _globals['_KVBLOCKS']._serialized_end=1265
-  _globals['_REPLICASTATUS']._serialized_start=1268
-  _globals['_REPLICASTATUS']._serialized_end=1532
-  _globals['_STATUSRESPONSE']._serialized_start=1535
-  _globals['_STATUSRESPONSE']._serialized_end=1756
-  _globals['_AUTOSCALEDECISION']._serialized_start=1759
-  _globals['_AUTOSCALEDECISION']._serialized_end=1941
-  _globals['_GENERATION']._serialized_start=2249
-  _globals['_GENERATION']._serialized_end=2407
+  _globals['_USAGE']._serialized_end=463
+  _globals['_TIMINGS']._serialized_start=466
+  _globals['_TIMINGS']._serialized_end=862
+  _globals['_TIMINGS_PREFILLCOMMBYTESENTRY']._serialized_start=751
+  _globals['_TIMINGS_PREFILLCOMMBYTESENTRY']._serialized_end=806
+  _globals['_TIMINGS_DECODECOMMBYTESENTRY']._serialized_start=808
+  _globals['_TIMINGS_DECODECOMMBYTESENTRY']._serialized_end=862
+  _globals['_GENERATERESPONSE']._serialized_start=865
+  _globals['_GENERATERESPONSE']._serialized_end=1112
+  _globals['_STATUSREQUEST']._serialized_start=1114
+  _globals['_STATUSREQUEST']._serialized_end=1129
+  _globals['_MESHSHAPE']._serialized_start=1131
+  _globals['_MESHSHAPE']._serialized_end=1190
+  _globals['_REPLICALOAD']._serialized_start=1192
+  _globals['_REPLICALOAD']._serialized_end=1246
+  _globals['_KVBLOCKS']._serialized_start=1248
+  _globals['_KVBLOCKS']._serialized_end=1295
+  _globals['_REPLICASTATUS']._serialized_start=1298
+  _globals['_REPLICASTATUS']._serialized_end=1562
+  _globals['_STATUSRESPONSE']._serialized_start=1565
+  _globals['_STATUSRESPONSE']._serialized_end=1786
+  _globals['_AUTOSCALEDECISION']._serialized_start=1789
+  _globals['_AUTOSCALEDECISION']._serialized_end=1971
+  _globals['_GENERATION']._serialized_start=2279
+  _globals['_GENERATION']._serialized_end=2437
 # @@protoc_insertion_point(module_scope)

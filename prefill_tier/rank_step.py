@@ -19,6 +19,7 @@ import torch
 
 from kv_transfer.mesh_layout import PrefillLayout
 from kv_transfer.mesh_session import MeshReservation, RankKVSender
+from mesh import comm
 from mesh.model import AttentionBatch, CausalLM
 from mesh.pipeline import run_pipeline, split_micro_batches
 from mesh.sampling import SamplingParams, sample
@@ -69,6 +70,8 @@ class RankOutcome:
     failure: str | None = None  # the whole step failed on this rank
     forward_s: float = 0.0
     kv_s: float = 0.0  # end of the forward -> this rank's last send completed
+    # By request id: payload bytes of this rank's collectives by kind (mesh/comm.py), the step's split by rows.
+    comm_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def logits_rank(layout: PrefillLayout) -> int:
@@ -113,16 +116,20 @@ class PrefillRankCore:
             if self._prefix_store is None:
                 self._prefix_store = PrefixKVStore.for_model(self.model)
             self._prefix_store.before_step(step.prefix)
+        forward_ledger, gather_ledger = comm.CommLedger(), comm.CommLedger()
         try:
-            logits = self._forward(step, ship)
+            with comm.ledger_scope(forward_ledger):
+                logits = self._forward(step, ship)
             if step.prefix is not None and self.layout.cp > 1:
-                self._ship_cached_cp(step, ship)
+                with comm.ledger_scope(gather_ledger):
+                    self._ship_cached_cp(step, ship)
         except BaseException:
             if step.prefix is not None:
                 self._prefix_store.discard_step(step.prefix)
             raise
         if step.prefix is not None:
             self._prefix_store.after_step(step.prefix)
+        outcome.comm_bytes = self._comm_by_request(step, forward_ledger, gather_ledger)
         if self.holds_logits:
             outcome.first_tokens = sample(logits, list(step.params), [0] * len(step.params)).tolist()
         outcome.forward_s = time.perf_counter() - started
@@ -144,6 +151,22 @@ class PrefillRankCore:
                 outcome.errors.setdefault(info.request_id, f"{type(error).__name__}: {error}")
         outcome.kv_s = time.perf_counter() - kv_started
         return outcome
+
+    def _comm_by_request(self, step: PrefillStep, forward: comm.CommLedger,
+                         gather: comm.CommLedger) -> dict[str, dict[str, int]]:
+        """This rank's collective bytes of the step, by request: the forward's split by each request's rows (exact
+        per request: docs/planner.md), the prefix gathers of _ship_cached_cp by the rows each gathered per rank."""
+        cached = [step.num_cached(i) for i in range(len(step.prompts))]
+        shares = comm.attribute_step(forward.nonzero(), query_lens=[len(p) - c for p, c in zip(step.prompts, cached)],
+                                     context_lens=cached, cp_size=self.layout.cp,
+                                     cp_rank=self.model.dims.cp_rank,
+                                     is_sharded=self.layout.cp > 1 or step.prefix is not None)
+        if gather.total:
+            gathered = [-(-len(p) // self.layout.cp) if c and r is not None else 0
+                        for p, c, r in zip(step.prompts, cached, step.reservations)]
+            for share, part in zip(shares, comm.attribute(gather.nonzero(), rows=gathered)):
+                comm.add_into(share, part)
+        return {request_id: share for request_id, share in zip(step.request_ids, shares) if share}
 
     def _submit_push(self, info: MeshReservation, layer: int, k: torch.Tensor, v: torch.Tensor,
                      ) -> concurrent.futures.Future:

@@ -25,6 +25,7 @@ import torch
 
 from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
+from mesh import comm
 from mesh.parallel import MeshShape
 from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
@@ -128,7 +129,8 @@ class PrefillReplica:
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       reservation=None) -> dict:
         """Queue the prompt; resolves with {"first_token", "queue_s", "prefill_s", "kv_s", "kv_bytes",
-        "num_cached_tokens"} (the last: prompt tokens taken from the prefix cache instead of computed)."""
+        "num_cached_tokens", "comm_bytes"} (num_cached_tokens: prompt tokens taken from the prefix cache instead of
+        computed; comm_bytes: kind -> payload bytes of the replica's collectives for this request)."""
         future = asyncio.get_running_loop().create_future()
         work = _Work(request_id, list(prompt_token_ids), params, reservation, future)
         self._batcher.add(work)
@@ -259,6 +261,9 @@ class PrefillReplica:
                 "prefill_s": forward_s,
                 "kv_s": kv_s if work.reservation is not None else 0.0,
                 "kv_bytes": sum(o.kv_bytes.get(work.request_id, 0) for o in outcomes),
+                # Summed over the replica's ranks, by kind (mesh/comm.py).
+                "comm_bytes": functools.reduce(comm.add_into, (o.comm_bytes.get(work.request_id, {}) for o in outcomes),
+                                               {}),
                 "num_cached_tokens": step.num_cached(index),  # prompt tokens reused from the prefix cache
             })
 

@@ -236,6 +236,42 @@ def attribute(bytes_by_kind: dict[str, int], *, rows: list[int], kv_rows: list[i
     return shares
 
 
+def attribute_step(bytes_by_kind: dict[str, int], *, query_lens: list[int], context_lens: list[int] | None = None,
+                   cp_size: int = 1, cp_rank: int = 0, is_sharded: bool = False) -> list[dict[str, int]]:
+    """`attribute` with the weights of one forward step of CausalLM on this rank: rows are each sequence's new
+    tokens, or, on a CP-sharded step (`is_sharded`: cp > 1 without a paged cache, or any step through a
+    round-robin store, even at cp == 1), its padded shard 2 * ceil(L / 2N) on every rank;
+    pass-KV ring blocks add its cached rows ceil(C / N) (the step ran pass-KV when it moved no cp_all_to_all bytes;
+    a step whose micro-batches chose different modes is split by rows); the round-robin store exchange weighs the
+    rows of each sequence that leave this rank for their owner (position p lives on rank p % N)."""
+    context_lens = list(context_lens or [0] * len(query_lens))
+    if not is_sharded:
+        return attribute(bytes_by_kind, rows=list(query_lens))
+    rows = [2 * -(-n // (2 * cp_size)) for n in query_lens]
+    kv_rows = None
+    if not bytes_by_kind.get("cp_all_to_all"):
+        kv_rows = [r + -(-c // cp_size) for r, c in zip(rows, context_lens)]
+    shares = attribute({k: n for k, n in bytes_by_kind.items() if k != "cp_kv_exchange"}, rows=rows, kv_rows=kv_rows)
+    exchanged = bytes_by_kind.get("cp_kv_exchange", 0)
+    if exchanged:
+        leaving = [_rows_leaving(n, c, cp_size, cp_rank) for n, c in zip(query_lens, context_lens)]
+        for share, part in zip(shares, split_exact(exchanged, leaving)):
+            if part:
+                share["cp_kv_exchange"] = part
+    return shares
+
+
+def _rows_leaving(length: int, context: int, cp_size: int, cp_rank: int) -> int:
+    """Rows of one sequence's shard on `cp_rank` (chunks cp_rank and 2N-1-cp_rank of ceil(L / 2N) positions after
+    its cached prefix) whose round-robin owner is another rank."""
+    chunk = -(-length // (2 * cp_size))
+    leaving = 0
+    for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+        start, stop = context + index * chunk, context + min((index + 1) * chunk, length)
+        leaving += sum(1 for position in range(start, stop) if position % cp_size != cp_rank)
+    return leaving
+
+
 def split_exact(total: int, weights: list[int]) -> list[int]:
     """Integer shares of `total` in proportion to `weights` that sum to `total` (largest remainder; all weights
     zero: even split)."""

@@ -1,8 +1,8 @@
 """Closed-form communication volumes: the project's own pattern, and the seeds' formulas beside it.
 
 Who calls it: the cost model (bytes per collective, to turn into seconds), the tests, and the mesh's
-communication accounting (mesh/comm.py), whose counted bytes must equal `step_volumes` exactly (docs/planner.md sets the forms
-out and explains every difference from the seeds').
+communication accounting (mesh/comm.py), whose counted bytes must equal `step_volumes` exactly (docs/planner.md
+sets the forms out and explains every difference from the seeds').
 
 What is counted ("payload"): the bytes of the tensors a rank hands to a collective, summed over the ranks of the
 replica: an all-reduce counts its buffer once per participating rank, an all-gather each rank's input shard, a
@@ -173,7 +173,8 @@ def step_volumes(model: ModelShape, mesh: MeshShape, *, query_lens: list[int], c
     """Payload of one forward step of a replica with mesh `mesh` over sequences with `query_lens` new tokens
     (`context_lens` already cached), returning the logits of each sequence's last token. With cp > 1, a step is
     CP-sharded unless `is_paged` (decode after a CP prefill: every cp rank computes every row); `has_cp_store`:
-    the prefill keeps its KV in the round-robin store (partial prefill)."""
+    the prefill keeps its KV in the round-robin store (partial prefill, the prefix cache), which shards the step
+    even at cp == 1 (rows padded to two chunks of ceil(L / 2) per sequence)."""
     context_lens = list(context_lens or [0] * len(query_lens))
     if len(context_lens) != len(query_lens):
         raise ValueError("step_volumes: need one context_len per sequence")
@@ -182,8 +183,9 @@ def step_volumes(model: ModelShape, mesh: MeshShape, *, query_lens: list[int], c
     e, h, L = model.dtype_bytes, model.hidden_size, model.num_layers
     tp, cp, pp, ep = mesh.tp, mesh.cp, mesh.pp, mesh.ep
     num_tokens, num_logits = sum(query_lens), len(query_lens)
-    is_sharded = cp > 1 and not is_paged
-    rows = cp_local_tokens(query_lens, cp) if is_sharded else num_tokens  # rows every rank computes
+    # A step through the round-robin store is CP-sharded even at cp == 1 (two padded chunks per sequence).
+    is_sharded = (cp > 1 or has_cp_store) and not is_paged
+    rows = sum(2 * -(-n // (2 * cp)) for n in query_lens) if is_sharded else num_tokens  # rows every rank computes
     num_ranks_per_stage = cp * tp
     volumes: dict[str, float] = {}
     if tp > 1:
@@ -192,7 +194,7 @@ def step_volumes(model: ModelShape, mesh: MeshShape, *, query_lens: list[int], c
         # Every cp rank's tp group computes the logits of the returned rows; each rank brings V / t columns.
         volumes["tp_allgather"] = cp * num_logits * model.vocab_size * e
     volumes["pp_send"] = (pp - 1) * rows * h * e * num_ranks_per_stage
-    if is_sharded:
+    if is_sharded and cp > 1:
         ring_ranks = L * num_ranks_per_stage  # every layer, every CP rank of every tp position
         if cp_mode == "pass-kv":
             block_rows = rows + cp_max_cached_local(context_lens, cp)

@@ -46,13 +46,18 @@ SCENARIOS = {
         ("tp2-batch", "L4h64", {"tp": 2}, {"kind": "step", "query_lens": [7, 5, 1], "cp_mode": "pass-kv"}),
         ("cp2-pass-kv", "L4h64", {"cp": 2}, {"kind": "step", "query_lens": [7, 5], "cp_mode": "pass-kv"}),
         ("cp2-pass-q", "L3h32", {"cp": 2}, {"kind": "step", "query_lens": [9, 4, 1], "cp_mode": "pass-q"}),
-        ("cp2-store", "L4h64", {"cp": 2}, {"kind": "store", "turns": [6, 5], "cp_modes": ["pass-kv", "pass-q"]})],
+        ("cp2-store", "L4h64", {"cp": 2}, {"kind": "store", "turns": [6, 5], "cp_modes": ["pass-kv", "pass-q"]}),
+        ("cp2-shares-kv", "L3h32", {"cp": 2}, {"kind": "shares", "turns": [[5, 8, 2], [3, 6, 7]],
+                                               "cp_mode": "pass-kv"}),
+        ("tp2-shares", "L4h64", {"tp": 2}, {"kind": "shares", "turns": [[4, 9], [2, 5]], "cp_mode": "pass-kv"})],
     4: [("tp2pp2-request-6-3", "L4h64", {"tp": 2, "pp": 2}, {"kind": "request", "prompt": 6, "output": 3}),
         ("tp4-request-5-2", "L3h32", {"tp": 4}, {"kind": "request", "prompt": 5, "output": 2}),
         ("cp2tp2-pass-kv", "L4h64", {"cp": 2, "tp": 2}, {"kind": "step", "query_lens": [9, 3],
                                                          "cp_mode": "pass-kv"}),
         ("cp2tp2-store", "L3h32", {"cp": 2, "tp": 2}, {"kind": "store", "turns": [5, 7],
-                                                       "cp_modes": ["pass-q", "pass-kv"]})],
+                                                       "cp_modes": ["pass-q", "pass-kv"]}),
+        ("cp2tp2-shares-q", "L4h64", {"cp": 2, "tp": 2}, {"kind": "shares", "turns": [[7, 3], [6, 9]],
+                                                          "cp_mode": "pass-q"})],
 }
 
 
@@ -189,6 +194,29 @@ def _store_turns(model: CausalLM, turns: list[int], cp_modes: list[str]) -> list
     return counted
 
 
+def _store_shares(model: CausalLM, turns: list[list[int]], cp_mode: str) -> list[list[dict[str, int]]]:
+    """Two batched turns through the store; per turn, each sequence's share of the step (comm.attribute_step on
+    every rank, summed over the ranks)."""
+    store = RoundRobinKVStore.for_model(model)
+    dims = model.dims
+    contexts = [0] * len(turns[0])
+    per_turn = []
+    for query_lens in turns:
+        ids, positions = _packed(query_lens, contexts)
+        batch = AttentionBatch(query_lens=query_lens, context_lens=contexts, block_tables=None,
+                               logits_indices=AttentionBatch.last_token_indices(query_lens, "cpu"),
+                               seq_keys=list(range(len(query_lens))))
+        with comm.ledger_scope() as ledger:
+            model(ids, positions, batch, cp_mode=cp_mode, cp_store=store)
+        shares = comm.attribute_step(ledger.nonzero(), query_lens=query_lens, context_lens=contexts,
+                                     cp_size=dims.cp_size, cp_rank=dims.cp_rank, is_sharded=True)
+        counts = torch.tensor([[share.get(kind, 0) for kind in COMM_KINDS] for share in shares], dtype=torch.int64)
+        dist.all_reduce(counts)
+        per_turn.append([{kind: int(n) for kind, n in zip(COMM_KINDS, row) if n} for row in counts.tolist()])
+        contexts = [c + n for c, n in zip(contexts, query_lens)]
+    return per_turn
+
+
 def _worker(rank: int, port: int, world_size: int, model_dirs: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -202,6 +230,8 @@ def _worker(rank: int, port: int, world_size: int, model_dirs: dict, out_dir: st
                     results[name] = _request(model, what["prompt"], what["output"])
                 elif what["kind"] == "step":
                     results[name] = _step(model, what["query_lens"], what["cp_mode"])
+                elif what["kind"] == "shares":
+                    results[name] = _store_shares(model, what["turns"], what["cp_mode"])
                 else:
                     results[name] = _store_turns(model, what["turns"], what["cp_modes"])
         if rank == 0:
@@ -253,6 +283,14 @@ def test_counted_bytes_equal_the_closed_forms(world_size, model_dirs, tmp_path):
         elif what["kind"] == "step":
             expected = step_volumes(shape, mesh, query_lens=what["query_lens"], cp_mode=what["cp_mode"])
             assert counted[name] == _nonzero(expected), name
+        elif what["kind"] == "shares":  # each sequence's share equals its own closed form, as if stepped alone
+            contexts = [0] * len(what["turns"][0])
+            for turn, query_lens in enumerate(what["turns"]):
+                for seq, (length, context) in enumerate(zip(query_lens, contexts)):
+                    expected = step_volumes(shape, mesh, query_lens=[length], context_lens=[context],
+                                            cp_mode=what["cp_mode"], has_cp_store=True)
+                    assert counted[name][turn][seq] == _nonzero(expected), f"{name} turn {turn} sequence {seq}"
+                contexts = [c + n for c, n in zip(contexts, query_lens)]
         else:
             context = 0
             for turn, (length, mode) in enumerate(zip(what["turns"], what["cp_modes"])):

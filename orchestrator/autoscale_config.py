@@ -90,7 +90,7 @@ def parse_autoscale(raw: object, tier: str, *, replicas: int, tier_min: int, tie
         limit_ms = _float(raw, key, p, 1.0)
         percentile = float(match.group(2))
         if not 0 < percentile < 100:
-            raise ConfigError(f"{p}{key}", f"percentile must be between 0 and 100 exclusive, e.g. ttft_p90_ms")
+            raise ConfigError(f"{p}{key}", "percentile must be between 0 and 100 exclusive, e.g. ttft_p90_ms")
         targets.append(LatencyTarget(metric=match.group(1), percentile=percentile, limit_ms=limit_ms))
     _reject_unknown({k: v for k, v in raw.items() if not _TARGET_KEY.match(str(k))}, _OPTION_KEYS
                     + ("ttft_p90_ms", "tpot_p90_ms", "(ttft|tpot)_p<N>_ms"), p)

@@ -75,6 +75,8 @@ def cmd_serve(args) -> int:
     cluster = RunningCluster(config)
     try:
         cluster.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # again: ray.init (in start) installs its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
         print(f"pdcluster: serving; try `pdcluster generate --address {cluster.address} \"Hello\"`. "
               "Ctrl-C stops.", file=sys.stderr, flush=True)
         if config.router.detach_tiers:

@@ -106,6 +106,9 @@ def connect_ray(config: ClusterConfig) -> None:
     if not config.ray.address:
         # one machine: KV transfers stay on loopback (and shared memory), never on another interface
         env_vars.update(PDCLUSTER_KV_HOST="127.0.0.1", UCX_NET_DEVICES="lo")
+    else:
+        # where the KV should travel, when the operator chose it for this driver, holds for the ranks it starts
+        env_vars.update({k: os.environ[k] for k in ("PDCLUSTER_KV_HOST", "UCX_NET_DEVICES") if k in os.environ})
     env = {"env_vars": env_vars}
     if config.ray.address:
         ray.init(address=config.ray.address, runtime_env=env, log_to_driver=True)
@@ -153,8 +156,10 @@ class Deployment:
         deployment = cls(config)
         try:
             # Both tiers at once: every rank's start (process, imports, weights) overlaps with the others'.
-            deployment.add_replicas([config.decode] * config.decode.replicas
-                                    + [config.prefill] * config.prefill.replicas, out=out)
+            # mode: colocated deploys no prefill tier: every decode replica prefills its own prompts.
+            num_prefill = 0 if config.is_colocated else config.prefill.replicas
+            deployment.add_replicas([config.decode] * config.decode.replicas + [config.prefill] * num_prefill,
+                                    out=out)
         except BaseException:
             deployment.shutdown()
             raise
@@ -287,7 +292,7 @@ class Deployment:
                           block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
                           kv_backend=cfg.kv_transfer.backend, kv_token=self.token, num_threads=threads,
                           checksum=cfg.kv_transfer.checksum, use_gpu=use_gpu,
-                          gpu_memory_fraction=tier.gpu_memory_fraction)
+                          gpu_memory_fraction=tier.gpu_memory_fraction, max_step_tokens=tier.max_step_tokens)
             handle.workers = [ray.remote(DecodeRankWorker).options(**options(rank, 0)).remote(
                 replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
             prefill = cfg.prefill.mesh

@@ -306,7 +306,8 @@ class DecodeReplica:
         # Every rank's receiver is aborted first: once they return, no late KV write can land in the blocks, so
         # freeing them in the engine cannot hand a block to another request while a stale write is in flight.
         pending = self._pending.pop(request_id, None)
-        self._unclaimed_local.pop(request_id, None)
+        if self._unclaimed_local.pop(request_id, None) is not None:
+            self._streams.pop(request_id, None)  # a local prefill nobody streams yet: its queue goes too
         if is_claimed:
             await self._receiver.abort(request_id)  # a no-op: kept so the rule above reads the same everywhere
         else:

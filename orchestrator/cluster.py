@@ -7,6 +7,9 @@ Per request (DESIGN.md, "The request path"):
   3. stream the decode replica's tokens until a finish reason.
 Closing the stream (client cancel, stop string, deadline) aborts the request on both replicas, so no KV block or
 queue slot outlives it.
+Local prefill (mode: colocated, or router.disaggregation's rule: a short prompt, a saturated prefill tier): steps 1
+and 2 become one call on the decode replica, which prefills the prompt itself in chunks mixed into its decode steps
+(`_attempt_local`); the response's prefill_replica is then that decode replica.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class ClusterBackend:
         # One policy per tier (cluster.yaml <tier>.policy); self._policy picks decode replicas.
         self._policy = get_policy(config.decode.policy, _policy_options(config.decode))
         self._prefill_policy = get_policy(config.prefill.policy, _policy_options(config.prefill))
+        self._is_colocated = config.is_colocated
+        self._disaggregation = config.router.disaggregation  # which prompts are prefilled on their decode replica
+        # Prompt tokens the router has sent to each prefill replica and not seen finish (saturation signal).
+        self._prefill_queued_tokens: dict[str, int] = {}
         self._max_retries = config.router.max_retries
         self._replica_timeout_s = config.router.replica_timeout_s
         # The router's own view of each replica's load, updated as it routes (no round trip per request).
@@ -56,6 +63,17 @@ class ClusterBackend:
     def model_info(self) -> ModelInfo:
         return self._model_info
 
+    def use_policy(self, tier: str, name: str) -> None:
+        """Route `tier` ("prefill" or "decode") with a fresh policy `name` from now on (what it learned is dropped).
+        For comparing policies on one running deployment (benchmarks/multiturn.py); the tier's cluster.yaml options
+        apply."""
+        section = {"prefill": self.deployment.config.prefill, "decode": self.deployment.config.decode}[tier]
+        policy = get_policy(name, _policy_options(section))
+        if tier == "prefill":
+            self._prefill_policy = policy
+        else:
+            self._policy = policy
+
     def _ready(self, tier: str) -> list[ReplicaHandle]:
         return [h for h in self.deployment.replicas(tier) if h.state == "ready"]
 
@@ -63,16 +81,22 @@ class ClusterBackend:
         return {"inflight": self._inflight.get(handle.replica_id, 0),
                 "num_free_blocks": handle.info.get("num_free_blocks", 0)}
 
-    async def _reserve(self, spec: RequestSpec, prefill: ReplicaHandle) -> tuple[ReplicaHandle, object]:
+    async def _reserve(self, spec: RequestSpec, prefill: ReplicaHandle | None, *,
+                       local: bool = False) -> tuple[ReplicaHandle, object]:
+        """Blocks on a decode replica, tried in policy order: a KV reservation for `prefill` to push into, or with
+        `local` the request itself queued for local prefill there (prefill_local)."""
         candidates = self._ready("decode")
         if not candidates:
             raise BackendError(grpc.StatusCode.UNAVAILABLE, "no decode replica is ready")
         refusals = []
         for handle in self._policy.order(candidates, self._load):
             try:
-                # The decode ranks post their receives for the mesh of the prefill replica that will push.
-                ref = handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
-                                                  prefill_mesh=_mesh_of(prefill))
+                if local:
+                    ref = handle.actor.prefill_local.remote(spec.request_id, list(spec.prompt_token_ids), spec.params)
+                else:
+                    # The decode ranks post their receives for the mesh of the prefill replica that will push.
+                    ref = handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
+                                                      prefill_mesh=_mesh_of(prefill))
                 try:
                     info = await ref
                 except asyncio.CancelledError:
@@ -80,7 +104,7 @@ class ClusterBackend:
                     # still succeed on the replica, so release it as soon as it exists instead of at lease end.
                     _release_when_reserved(handle, spec.request_id, ref)
                     raise
-                used = len(info.block_ids)
+                used = info["num_blocks"] if local else len(info.block_ids)
                 handle.info["num_free_blocks"] = max(0, handle.info.get("num_free_blocks", 0) - used)
                 return handle, info
             except ray.exceptions.RayTaskError as exc:
@@ -132,13 +156,28 @@ class ClusterBackend:
         raise BackendError(grpc.StatusCode.UNAVAILABLE, f"request failed on {len(failures)} attempt(s): "
                            + "; ".join(failures))
 
+    def _is_local_prefill(self, spec: RequestSpec) -> bool:
+        """Whether this request's prompt is prefilled on its decode replica instead of the prefill tier."""
+        if self._is_colocated:
+            return True
+        rule = self._disaggregation
+        ready = self._ready("prefill")
+        is_saturated = bool(ready) and all(self._prefill_queued_tokens.get(h.replica_id, 0) >
+                                           rule.saturated_queued_tokens for h in ready)
+        return rule.is_local(len(spec.prompt_token_ids), is_prefill_saturated=is_saturated)
+
     async def _attempt(self, spec: RequestSpec, started: float, *, resumed: bool):
+        if self._is_local_prefill(spec):
+            async for event in self._attempt_local(spec, started, resumed=resumed):
+                yield event
+            return
         params = spec.params
+        num_prompt_tokens = len(spec.prompt_token_ids)
         decode = reservation = stream = None
         decode_released = False  # True once the decode replica freed the request itself (its stream finished)
         prefill = self._pick_prefill(spec)
         prefill_pending = True
-        self._bump(prefill, +1)
+        self._bump(prefill, +1, num_tokens=num_prompt_tokens)
         outcome = "cancelled"  # for the metrics: unless it finishes or fails below (router stopped listening)
         used_replicas: list[ReplicaHandle] = []  # for the metrics: the replicas this request reached
         try:
@@ -154,14 +193,14 @@ class ClusterBackend:
             except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
                 raise _ReplicaFailed(f"prefill on {prefill.replica_id} failed: {_cause(exc)}",
                                      [prefill] + ([decode] if decode else [])) from None
-            self._bump(prefill, -1)
+            self._bump(prefill, -1, num_tokens=num_prompt_tokens)
             prefill_pending = False
             self._prefill_policy.record(prefill, spec.prompt_token_ids)  # its prefix cache now holds this prompt
             prefill_done = time.monotonic()
             first = result["first_token"]
             timings = dict(queue_s=result["queue_s"], prefill_s=result["prefill_s"], kv_transfer_s=result["kv_s"],
                            kv_bytes=result["kv_bytes"], num_cached_tokens=result.get("num_cached_tokens", 0),
-                           ttft_s=prefill_done - started)
+                           ttft_s=prefill_done - started, prefill_comm_bytes=result.get("comm_bytes", {}))
             replicas = dict(prefill_replica=prefill.replica_id,
                             decode_replica=decode.replica_id if decode else "")
             ends_here = self._finishes(first, params)
@@ -190,6 +229,7 @@ class ClusterBackend:
                         yield TokenEvent(list(item["token_ids"]))
                     if item["finish_reason"]:
                         finish_reason = item["finish_reason"]
+                        timings["decode_comm_bytes"] = item.get("comm_bytes", {})  # multi-rank replicas only
                         decode_released = True
                         break
             except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
@@ -210,7 +250,7 @@ class ClusterBackend:
                     self.metrics.count_replica_request(handle.tier, handle.replica_id, outcome)
             # Whatever ended the request (finish, stop string, client gone, failure), nothing may stay held.
             if prefill_pending:
-                self._bump(prefill, -1)
+                self._bump(prefill, -1, num_tokens=num_prompt_tokens)
                 prefill.actor.cancel.remote(spec.request_id)
             if decode is not None:
                 self._bump(decode, -1)
@@ -218,6 +258,64 @@ class ClusterBackend:
                     ray.cancel(stream)
                 if not decode_released:
                     decode.actor.abort.remote(spec.request_id)  # frees its blocks; fire and forget
+
+    async def _attempt_local(self, spec: RequestSpec, started: float, *, resumed: bool):
+        """One attempt with the prompt prefilled on the decode replica itself: blocks and the queued prompt in one
+        call (prefill_local, tried on decode replicas in policy order), then its token stream (generate_local), the
+        first item carrying the first token and the prefill time. Failures raise _ReplicaFailed as in _attempt, so
+        retries (prompt + tokens sent, output_offset) work the same; whatever ends it, nothing stays held."""
+        decode, _ = await self._reserve(spec, None, local=True)
+        self._bump(decode, +1)
+        replicas = dict(prefill_replica=decode.replica_id, decode_replica=decode.replica_id)
+        stream = None
+        is_released = False  # True once the replica freed the request itself (its stream finished)
+        outcome = "cancelled"  # for the metrics: unless it finishes or fails below (router stopped listening)
+        timings = dict(ttft_s=0.0)
+        first_at = None
+        num_tokens = 0
+        finish_reason = "error"
+        try:
+            stream = decode.actor.generate_local.remote(spec.request_id)
+            try:
+                async for ref in stream:
+                    item = await asyncio.wait_for(ref, self._replica_timeout_s)
+                    if "prefill_s" in item:
+                        first_at = time.monotonic()
+                        timings.update(prefill_s=item["prefill_s"], ttft_s=first_at - started)
+                    if item["finish_reason"]:
+                        finish_reason = item["finish_reason"]
+                        # The local prefill's chunks ran in the decode replica's steps: counted with its decode.
+                        timings["decode_comm_bytes"] = item.get("comm_bytes", {})
+                        is_released = True
+                    if item["token_ids"]:
+                        is_first = num_tokens == 0
+                        num_tokens += len(item["token_ids"])
+                        if is_first and not resumed:
+                            yield TokenEvent(list(item["token_ids"]), timings=Timings(**timings), **replicas)
+                        else:
+                            yield TokenEvent(list(item["token_ids"]), **replicas)
+                    if is_released:
+                        break
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise _ReplicaFailed(f"local prefill/decode on {decode.replica_id} failed: {_cause(exc)}",
+                                     [decode]) from None
+            if finish_reason == "error":
+                raise _ReplicaFailed(f"decode replica {decode.replica_id} failed a step", [decode])
+            if first_at is not None:
+                timings["tpot_s"] = (time.monotonic() - first_at) / max(1, num_tokens - 1)
+            outcome = "finished"
+            yield FinishEvent(finish_reason=finish_reason, timings=Timings(**timings), **replicas)
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.count_replica_request(decode.tier, decode.replica_id, outcome)
+            self._bump(decode, -1)
+            if not is_released:
+                if stream is not None:
+                    ray.cancel(stream)
+                decode.actor.abort.remote(spec.request_id)  # frees its blocks; fire and forget
 
     def _finishes(self, token: int, params) -> str | None:
         if token in params.stop_token_ids or (not params.ignore_eos and token in self._model_info.eos_token_ids):
@@ -324,8 +422,12 @@ class ClusterBackend:
         """Requests the router has in flight on a replica (used to drain it)."""
         return self._inflight.get(replica_id, 0)
 
-    def _bump(self, handle: ReplicaHandle, delta: int) -> None:
+    def _bump(self, handle: ReplicaHandle, delta: int, *, num_tokens: int = 0) -> None:
+        """delta requests (and, for a prefill replica, delta * num_tokens prompt tokens) more in flight on it."""
         self._inflight[handle.replica_id] = max(0, self._inflight.get(handle.replica_id, 0) + delta)
+        if num_tokens:
+            queued = self._prefill_queued_tokens.get(handle.replica_id, 0) + delta * num_tokens
+            self._prefill_queued_tokens[handle.replica_id] = max(0, queued)
 
     async def status(self) -> dict:
         config = self.deployment.config

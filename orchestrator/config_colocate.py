@@ -79,7 +79,7 @@ def parse_max_step_tokens(tier_raw: dict, name: str, *, max_num_seqs: int, uses_
     512 on CPU, 2048 on GPU, at least 2 x max_num_seqs; set: it must exceed max_num_seqs (decode rows go first)."""
     key = f"{name}.max_step_tokens"
     if name != "decode":
-        if "max_step_tokens" in tier_raw:
+        if tier_raw.get("max_step_tokens") is not None:
             raise ConfigError(key, "max_step_tokens is the decode tier's step budget; the prefill tier batches with "
                                    "max_batch_tokens")
         return None

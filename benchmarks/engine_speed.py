@@ -375,8 +375,9 @@ def tables(document: dict) -> None:
                                    "fused" if run["is_fused"] else "unfused"])
             for row in run.get("gemv") or []:
                 gemv_rows.append([model["model"], run["batch"], row["projection"], f"{row['n']}x{row['k']}",
-                                  row.get("tile", "-"), row.get("us", math.nan), row["cublas_us"],
-                                  row.get("bytes_per_s", math.nan) / 1e12, row["cublas_bytes_per_s"] / 1e12])
+                                  row["cublas_us"], row["cublas_bytes_per_s"] / 1e12, row["plain_choice"],
+                                  row["plain_best_us"], row["plain_bytes_per_s"] / 1e12, row.get("tile", "-"),
+                                  row.get("us", math.nan)])
             kernels = run.get("kernels") or {}
             for kind, entry in sorted((kernels.get("kinds") or {}).items(), key=lambda item: -item[1]["us"]):
                 kernel_rows.append([model["model"], run["batch"], kind, entry["launches"], entry["us"]])
@@ -385,9 +386,10 @@ def tables(document: dict) -> None:
                                     kernels["gaps_us"]])
     print_table("decode step replay: fused projections vs unfused (ms, padded rows)",
                 ["model", "batch", "fused ms", "unfused ms", "kept"], fused_rows)
-    print_table("decode projections, one call (us; Triton fused GEMV tile chosen by measurement vs cuBLAS)",
-                ["model", "batch", "proj", "N x K", "tile", "triton us", "cublas us", "triton TB/s", "cublas TB/s"],
-                gemv_rows)
+    print_table("decode projections, one call, us (unfused step: best of cuBLAS and Triton tiles on the bare "
+                "product; fused step: best tile on the call with its norm/SiLU prologue and residual epilogue)",
+                ["model", "batch", "proj", "N x K", "cublas us", "cublas TB/s", "unfused pick", "us", "TB/s",
+                 "fused tile", "fused us"], gemv_rows)
     print_table("decode step by kernel kind (profiler, per step)", ["model", "batch", "kind", "launches", "us"],
                 kernel_rows)
     print_table("prefill, one prompt", ["model", "tokens", "ms", "tok/s", "TFLOP/s", "MFU %", "HF ms", "HF warm",

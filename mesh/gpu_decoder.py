@@ -60,6 +60,8 @@ class GpuDecoder:
         self.prefill_attention_backend = "flash-varlen" if self.device.type == "cuda" else "sdpa"
         # (projection, rows) -> mesh.triton_gemv.GemvTile for the fused decode; set by mesh.gpu_gemv_tuning.
         self.gemv_tiles: dict[tuple[str, int], Any] = {}
+        # (projection, rows) -> tile of the bare Triton product in the unfused decode, None (or absent) = cuBLAS.
+        self.plain_gemv_tiles: dict[tuple[str, int], Any] = {}
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -99,16 +101,26 @@ class GpuDecoder:
         delta = None
         for layer, cache in zip(w.layers, kv_cache):
             x = ops.add_rms_norm(h, delta, layer.input_norm, self.eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = self._project("qkv", x, layer.qkv, layer.qkv_bias)
             q, _ = ops.rope_and_store(qkv, positions, slots, self.cos, self.sin, cache, self.num_heads,
                                       self.num_kv_heads)
             attn = ops.paged_decode_attention(q, cache, block_tables, seq_lens, self.scale, num_splits)
-            o = F.linear(attn.view(num_rows, self.num_heads * self.head_dim), layer.o)
+            o = self._project("o", attn.view(num_rows, self.num_heads * self.head_dim), layer.o)
             x = ops.add_rms_norm(h, o, layer.post_norm, self.eps)
-            delta = F.linear(ops.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+            delta = self._project("down", ops.silu_mul(self._project("gate_up", x, layer.gate_up)), layer.down)
         x = ops.add_rms_norm(h, delta, w.norm, self.eps)
-        logits = F.linear(x, w.lm_head).float()
+        logits = self._project("lm_head", x, w.lm_head, out_dtype=torch.float32)
         return logits, logits.argmax(dim=-1)
+
+    def _project(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x @ weight.T (+ bias) of the unfused decode: the Triton product where the tuner measured it faster than
+        cuBLAS for this projection and row count, cuBLAS otherwise."""
+        tile = self.plain_gemv_tiles.get((name, x.shape[0]))
+        if tile is None:
+            y = F.linear(x, weight, bias)
+            return y if out_dtype is None else y.to(out_dtype)
+        return self.ops.fused_linear(x, weight, bias, out_dtype=out_dtype, tile=tile)
 
     def _decode_fused(self, input_ids, positions, slots, seq_lens, block_tables, kv_cache, num_splits):
         """decode() with the norms, residual adds and SiLU*up folded into the projections (ops.fused_linear). The

@@ -1,10 +1,11 @@
 """Picks, by measurement on the device, the tile of mesh.triton_gemv's kernel for each projection of a GpuDecoder
 at a given number of rows, and times cuBLAS (F.linear) on the same shapes for the record.
 
-Who calls it: `mesh.gpu_graphs.DecodeGraphs.capture` (once per fused bucket, before capturing it) and
-benchmarks/engine_speed.py (which reports the table). It promises: `decoder.gemv_tiles[(name, rows)]` is set for
-every projection whose kernel ran on at least one candidate tile, and the returned rows say what each choice
-measured. Timings are CUDA-graph replays of one call per layer over every layer's own weight (the weights of one
+Who calls it: `mesh.gpu_graphs.DecodeGraphs.capture` (once per fusable bucket, before capturing it) and
+benchmarks/engine_speed.py (which reports the table). It promises: `decoder.gemv_tiles[(name, rows)]` (the fused
+step's tile) is set for every projection whose fused call ran on at least one candidate tile, and
+`decoder.plain_gemv_tiles[(name, rows)]` (the unfused step's: a tile where the bare Triton product beat cuBLAS,
+else None) for every projection; the returned rows say what each choice measured. Timings are CUDA-graph replays of one call per layer over every layer's own weight (the weights of one
 layer would sit in L2 on repeats and flatter the result).
 """
 
@@ -53,44 +54,74 @@ def _weights(decoder: Any, name: str) -> list[torch.Tensor]:
     return [getattr(layer, name) for layer in w.layers]
 
 
+def _calls(decoder: Any, name: str, rows: int, generator: torch.Generator) -> tuple[dict, dict]:
+    """(fused call kwargs, plain call kwargs) of fused_linear for one projection, on random inputs (never zeros:
+    METHOD, zeros can run faster): the fused step's prologue/epilogue, and the unfused step's bare product."""
+    device, dtype = decoder.device, decoder.dtype
+    weight = _weights(decoder, name)[0]
+    num_out, k = weight.shape
+    hidden = decoder.config.hidden_size
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+    norm = (torch.ones(k, device=device, dtype=dtype), torch.full((rows,), float(k), device=device), decoder.eps)
+    residual = (randn(rows, hidden), torch.zeros(rows, device=device))
+    x = randn(rows, k)
+    if name in ("qkv", "gate_up"):
+        return {"x": x, "norm": norm}, {"x": x}
+    if name == "o":
+        return {"x": x, "residual": residual}, {"x": x}
+    if name == "down":
+        gate_up = randn(rows, 2 * k)
+        return {"x": gate_up, "silu_input": True, "residual": residual}, {"x": x}
+    return ({"x": x, "norm": norm, "out_dtype": torch.float32}, {"x": x, "out_dtype": torch.float32})
+
+
 def tune_decode_gemv(decoder: Any, rows: int, candidates: Sequence[Any] | None = None) -> list[dict]:
-    """Measures every candidate tile on every projection at `rows` rows; stores the fastest in
-    decoder.gemv_tiles. Returns one dict per projection: name, shape, chosen tile, its time and bandwidth, cuBLAS's
-    time, and the candidates that failed to compile or run."""
+    """Measures, for every projection at `rows` rows: cuBLAS and every candidate tile on the bare product (the
+    unfused step's choice, stored in decoder.plain_gemv_tiles: a tile, or None for cuBLAS), and every candidate
+    on the fused step's exact call (stored in decoder.gemv_tiles). Returns one dict per projection with the times
+    (us per call) and the tiles that failed to compile or run."""
     from mesh.triton_gemv import candidate_tiles, fused_gemv
 
     candidates = list(candidates or candidate_tiles(rows))
-    device, dtype = decoder.device, decoder.dtype
-    generator = torch.Generator(device=device).manual_seed(rows)
+    generator = torch.Generator(device=decoder.device).manual_seed(rows)
     report = []
     for name in PROJECTIONS:
         weights = _weights(decoder, name)
         num_out, k = weights[0].shape
-        is_down = name == "down"
-        # Random input, never zeros (METHOD: zeros can run faster); the down projection reads gate/up output.
-        x = torch.randn((rows, 2 * k if is_down else k), generator=generator, device=device).to(dtype)
+        fused_kwargs, plain_kwargs = _calls(decoder, name, rows, generator)
         num_bytes = weights[0].numel() * weights[0].element_size()
         row: dict = {"projection": name, "rows": rows, "n": num_out, "k": k, "weight_bytes": num_bytes,
-                     "failed": []}
-        if is_down:
-            # What the unfused step runs: the SiLU*up kernel, then cuBLAS.
-            row["cublas_us"] = graph_time_us([lambda w=w: F.linear(decoder.ops.silu_mul(x), w) for w in weights])
-        else:
-            row["cublas_us"] = graph_time_us([lambda w=w: F.linear(x, w) for w in weights])
-        best = None
+                     "failed": [], "plain_us": {}, "fused_us": {}}
+        x, out_dtype = plain_kwargs["x"], plain_kwargs.get("out_dtype")
+        row["cublas_us"] = graph_time_us([lambda w=w: F.linear(x, w).to(out_dtype or w.dtype) for w in weights])
         for tile in candidates:
-            try:
-                us = graph_time_us([lambda w=w: fused_gemv(x, w, silu_input=is_down, tile=tile) for w in weights])
-            except Exception as error:  # a tile that does not fit this GPU: try the others
-                row["failed"].append(f"{tile}: {type(error).__name__}: {str(error)[:120]}")
-                continue
-            row.setdefault("candidates_us", {})[f"{tile.block_n}x{tile.block_k}w{tile.num_warps}"] = us
-            if best is None or us < best[1]:
-                best = (tile, us)
-        if best is not None:
-            decoder.gemv_tiles[(name, rows)] = best[0]
-            row.update(tile=f"{best[0].block_n}x{best[0].block_k}w{best[0].num_warps}", us=best[1],
-                       bytes_per_s=num_bytes / (best[1] / 1e6))
+            label = f"{tile.block_n}x{tile.block_k}w{tile.num_warps}"
+            for kind, kwargs in (("plain", plain_kwargs), ("fused", fused_kwargs)):
+                try:
+                    us = graph_time_us([lambda w=w, a=kwargs: fused_gemv(a["x"], w, tile=tile,
+                                                                         **{k: v for k, v in a.items() if k != "x"})
+                                        for w in weights])
+                except Exception as error:  # a tile that does not fit this GPU: try the others
+                    row["failed"].append(f"{kind} {label}: {type(error).__name__}: {str(error)[:120]}")
+                    continue
+                row[f"{kind}_us"][label] = (us, tile)
+        if row["fused_us"]:
+            label, (us, tile) = min(row["fused_us"].items(), key=lambda item: item[1][0])
+            decoder.gemv_tiles[(name, rows)] = tile
+            row.update(tile=label, us=us, bytes_per_s=num_bytes / (us / 1e6))
+        plain = min(row["plain_us"].items(), key=lambda item: item[1][0], default=None)
+        if plain is not None and plain[1][0] < row["cublas_us"]:
+            decoder.plain_gemv_tiles[(name, rows)] = plain[1][1]
+            row.update(plain_choice=plain[0], plain_best_us=plain[1][0])
+        else:
+            decoder.plain_gemv_tiles[(name, rows)] = None
+            row.update(plain_choice="cublas", plain_best_us=row["cublas_us"])
         row["cublas_bytes_per_s"] = num_bytes / (row["cublas_us"] / 1e6)
+        row["plain_bytes_per_s"] = num_bytes / (row["plain_best_us"] / 1e6)
+        for kind in ("plain", "fused"):  # JSON: times only
+            row[f"{kind}_us"] = {label: us for label, (us, _) in row[f"{kind}_us"].items()}
         report.append(row)
     return report

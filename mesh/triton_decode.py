@@ -119,13 +119,14 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, pa
         blocks = tl.load(table + tokens // BLOCK_SIZE, mask=is_token, other=0).to(tl.int64)
         rows = blocks * stride_block + (tokens % BLOCK_SIZE) * stride_row + kv_head * HEAD_DIM
         k = tl.load(cache_ptr + rows[:, None] + offs_d[None, :], mask=is_token[:, None], other=0.0)
+        # V is issued right behind K, so both tiles are in flight together (one memory round trip, not two).
+        v = tl.load(cache_ptr + stride_kv + rows[:, None] + offs_d[None, :], mask=is_token[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k).to(q.dtype)) * scale  # [BLOCK_G, BLOCK_N], float32
         scores = tl.where(is_token[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         denominator = denominator * alpha + tl.sum(p, axis=1)
-        v = tl.load(cache_ptr + stride_kv + rows[:, None] + offs_d[None, :], mask=is_token[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m = m_new
     has_keys = denominator > 0

@@ -46,9 +46,12 @@ class GemvTile:
 
 
 # Candidates the tuner measures at one row (mesh.gpu_gemv_tuning); the first is the default before tuning.
+# Wide tiles (block_n 16, 32) spread the prologue, which every program recomputes over the whole input row, over
+# more output columns; narrow ones give more programs for a short N.
 CANDIDATE_TILES = (GemvTile(block_n=4, block_k=512), GemvTile(block_n=8, block_k=512),
                    GemvTile(block_n=16, block_k=256), GemvTile(block_n=2, block_k=1024),
-                   GemvTile(block_n=8, block_k=1024, num_warps=8))
+                   GemvTile(block_n=8, block_k=1024, num_warps=8), GemvTile(block_n=16, block_k=512, num_warps=8),
+                   GemvTile(block_n=32, block_k=256, num_warps=8))
 
 
 def candidate_tiles(rows: int) -> list[GemvTile]:

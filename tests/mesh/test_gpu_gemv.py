@@ -91,4 +91,6 @@ def test_tuner_sets_a_tile_for_every_projection(tmp_path):
     assert [row["projection"] for row in report] == list(PROJECTIONS)
     for row in report:
         assert (row["projection"], 1) in decoder.gemv_tiles, row["failed"]
+        assert (row["projection"], 1) in decoder.plain_gemv_tiles
         assert row["us"] > 0 and row["cublas_us"] > 0
+        assert row["plain_best_us"] <= row["cublas_us"]

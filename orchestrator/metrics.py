@@ -78,6 +78,12 @@ class ClusterMetrics:
         self.kv_blocks = Gauge("pdcluster_kv_blocks", "Paged KV cache blocks of a decode replica",
                                ["replica", "state"], registry=r)
         self.prefill_batches = Counter("pdcluster_prefill_batches", "Prefill forwards run", ["replica"], registry=r)
+        self.prefix_hits = Counter("pdcluster_prefix_cache_hits", "Prefill requests that reused a cached prefix",
+                                   ["replica"], registry=r)
+        self.prefix_misses = Counter("pdcluster_prefix_cache_misses", "Prefill requests with no cached prefix "
+                                     "(prefix cache on)", ["replica"], registry=r)
+        self.prefix_tokens = Counter("pdcluster_prefix_cache_tokens", "Prompt tokens taken from the prefix cache "
+                                     "instead of computed", ["replica"], registry=r)
         self.decode_steps = Counter("pdcluster_decode_steps", "Decode steps run", ["replica"], registry=r)
         self.retries = Counter("pdcluster_retries", "Requests tried again after a replica of this tier failed",
                                ["tier"], registry=r)
@@ -146,6 +152,9 @@ class ClusterMetrics:
                     if tier == "prefill":
                         self.queue_depth.labels(tier, replica_id).set(stats.get("num_queued", 0))
                         self._advance(self.prefill_batches, replica_id, stats.get("num_batches"))
+                        self._advance(self.prefix_hits, replica_id, stats.get("prefix_cache_hits"))
+                        self._advance(self.prefix_misses, replica_id, stats.get("prefix_cache_misses"))
+                        self._advance(self.prefix_tokens, replica_id, stats.get("prefix_cache_cached_tokens"))
                     else:
                         self.queue_depth.labels(tier, replica_id).set(stats.get("num_waiting_kv", 0))
                         num_free = stats.get("num_free_blocks", 0)

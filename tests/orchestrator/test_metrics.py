@@ -198,6 +198,19 @@ def test_replica_series_follow_the_polled_stats():
     assert samples(metrics)[("pdcluster_replica_up", (("replica", "prefill-0"), ("tier", "prefill")))] == 0
 
 
+def test_prefix_cache_counters_follow_the_prefill_stats():
+    metrics = ClusterMetrics()
+    for hits, misses, tokens in ((2, 3, 64), (5, 4, 160)):
+        metrics.update_replicas({"prefill": [{"id": "prefill-0", "state": "ready", "stats": {
+            "prefix_cache_hits": hits, "prefix_cache_misses": misses, "prefix_cache_cached_tokens": tokens}}],
+            "decode": []})
+    got = samples(metrics)
+    replica = (("replica", "prefill-0"),)
+    assert got[("pdcluster_prefix_cache_hits_total", replica)] == 5
+    assert got[("pdcluster_prefix_cache_misses_total", replica)] == 4
+    assert got[("pdcluster_prefix_cache_tokens_total", replica)] == 160
+
+
 def test_replica_counters_and_placeholders():
     metrics = ClusterMetrics()
     metrics.count_replica_request("prefill", "prefill-0", "finished")

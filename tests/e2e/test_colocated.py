@@ -3,7 +3,8 @@
 - `mode: colocated`: no prefill tier; every prompt is prefilled on a decode replica in chunks mixed into its decode
   steps (a small decode.max_step_tokens, so the long prompts really span several steps next to running streams).
 - `router.disaggregation.min_prefill_tokens`: short prompts are prefilled on their decode replica, the others go
-  through the prefill tier and their KV over UCX; both kinds in one concurrent batch.
+  through the prefill tier and their KV over UCX; both kinds in one concurrent batch. That decode replica is a
+  two-stage pipeline (pp 2), so mixed decode + chunk steps also run micro-batched over two rank actors.
 Greedy output equals transformers either way, the final message says where the prefill ran, a decode replica killed
 mid-stream is retried transparently, seeded streams are the same whichever way the prompt was prefilled, and every
 KV pool is full again afterwards.
@@ -22,7 +23,7 @@ import ray
 
 from e2e_helpers import cluster_config, generate_concurrently, hf_greedy, make_model_dir
 from orchestrator.client import Client
-from orchestrator.config import TierSection
+from orchestrator.config import MeshSection, TierSection
 from orchestrator.config_colocate import DisaggregationSection
 from orchestrator.serve import RunningCluster
 
@@ -67,7 +68,8 @@ def conditional(ray_local, model_dir):
     config = dataclasses.replace(
         base, router=dataclasses.replace(base.router,
                                          disaggregation=DisaggregationSection(min_prefill_tokens=MIN_PREFILL_TOKENS)),
-        decode=dataclasses.replace(base.decode, max_num_seqs=8, max_step_tokens=32))
+        decode=dataclasses.replace(base.decode, max_num_seqs=8, max_step_tokens=32, mesh=MeshSection(pp=2),
+                                   resources={"num_cpus": 0.25}))
     with RunningCluster(config) as cluster:
         yield cluster
 

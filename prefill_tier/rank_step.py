@@ -80,11 +80,19 @@ def logits_rank(layout: PrefillLayout) -> int:
     return layout.rank_of(pp=layout.pp - 1, cp=0, tp=0)
 
 
+def is_fast_path_model(model: CausalLM) -> bool:
+    """Whether a rank's model runs on mesh.gpu_decoder's fast path by default: the whole model on one CUDA rank
+    (tp = pp = cp = 1) and dense (the fused weights cover no experts)."""
+    return model.device.type == "cuda" and model.dims.world_size == 1 and not model.config.is_moe
+
+
 class PrefillRankCore:
     """One rank's model shard and KV sender. `loop` is the event loop the sender lives on (the actor's)."""
 
     def __init__(self, model: CausalLM, sender: RankKVSender, loop: asyncio.AbstractEventLoop, *,
-                 layerwise: bool = True):
+                 layerwise: bool = True, fast_path: bool | None = None):
+        """fast_path: run the forward through mesh.gpu_decoder.GpuDecoder (fused weights shared with the model,
+        varlen flash attention) instead of CausalLM; None = wherever it applies (is_fast_path_model)."""
         self.model = model
         self.sender = sender
         self.rank = sender.rank
@@ -93,6 +101,11 @@ class PrefillRankCore:
         self._loop = loop
         self._layerwise = layerwise
         self._prefix_store: PrefixKVStore | None = None  # made at the first step that carries a prefix plan
+        self.fast_path = None
+        if fast_path or (fast_path is None and is_fast_path_model(model)):
+            from mesh.gpu_decoder import GpuDecoder
+
+            self.fast_path = GpuDecoder.from_model(model)  # the model's q/k/v, gate/up become views: held once
 
     @property
     def prefix_store(self) -> PrefixKVStore | None:
@@ -188,6 +201,8 @@ class PrefillRankCore:
 
     @torch.inference_mode()
     def _forward(self, step: PrefillStep, ship) -> torch.Tensor | None:
+        if self.fast_path is not None and step.prefix is None:
+            return self._forward_fast(step, ship)
         # With a prefix cache, each request computes only the tokens after its cached prefix, against the store.
         cached = [step.num_cached(i) for i in range(len(step.prompts))]
         lengths = [len(p) - c for p, c in zip(step.prompts, cached)]
@@ -211,6 +226,16 @@ class PrefillRankCore:
         if outputs[0] is None:
             return None
         return torch.cat(outputs)[order.to(outputs[0].device)]
+
+    def _forward_fast(self, step: PrefillStep, ship) -> torch.Tensor:
+        """The whole step as one packed GpuDecoder.prefill: the same logits and per-layer post-rotary K/V as the
+        CausalLM path (within the dtype's rounding), through the same hook. Steps with a prefix plan keep the
+        CausalLM path: they read and fill the model's persistent prefix store."""
+        lengths = [len(p) for p in step.prompts]
+        device = self.fast_path.device
+        input_ids = torch.tensor([t for p in step.prompts for t in p], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]).to(device)
+        return self.fast_path.prefill(input_ids, positions, lengths, layer_hook=self._hook(step, 0, lengths, ship))
 
     def _hook(self, step: PrefillStep, first_seq: int, query_lens: list[int], ship):
         """The layer hook of one micro-batch: cut each shipping sequence's rows out of the layer's K/V."""

@@ -60,9 +60,10 @@ def num_flag_slots(world_size: int) -> int:
     return NUM_PHASES * MAX_BLOCKS * world_size
 
 
-def launch_shape(num_elements: int, element_size: int, *, max_blocks: int, num_warps: int = 4) -> LaunchShape:
+def launch_shape(num_elements: int, element_size: int, *, max_blocks: int, num_warps: int = 8) -> LaunchShape:
     """One 16-byte vector per thread per iteration; as many blocks as there are iterations, at most `max_blocks`
-    (small messages: few blocks, each one iteration; large ones: `max_blocks` blocks that loop)."""
+    (small messages: few blocks, each one iteration; large ones: `max_blocks` blocks that loop, enough loads in
+    flight to cover NVLink's latency). The block size depends on the dtype only: one compiled kernel per dtype."""
     block_elems = num_warps * 32 * max(1, _VECTOR_BYTES // element_size)
     num_blocks = max(1, min(max_blocks, -(-num_elements // block_elems)))
     return LaunchShape(num_blocks=num_blocks, block_elems=block_elems, num_warps=num_warps)
@@ -109,7 +110,7 @@ class DirectAccessGroup:
         self._equal_splits: dict[tuple, tuple[torch.Tensor, ...]] = {}  # fixed device splits, reused by graphs
 
     @classmethod
-    def create(cls, group: Any, *, buffer_bytes: int = 8 << 20, max_blocks: int = 64) -> DirectAccessGroup:
+    def create(cls, group: Any, *, buffer_bytes: int = 8 << 20, max_blocks: int = MAX_BLOCKS) -> DirectAccessGroup:
         """Collective over `group`: checks support, allocates `buffer_bytes` of symmetric memory (+ flags) on the
         current CUDA device and exchanges the peer addresses once."""
         if buffer_bytes < 4096 or buffer_bytes % 4096:

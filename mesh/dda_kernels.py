@@ -5,11 +5,13 @@ flag barriers. No multicast, no NCCL, one launch per collective.
 Who calls it: `mesh.dda.DirectAccessGroup` only (it owns the buffers, the flags and the launch geometry).
 
 The barrier: every rank holds an int32 flag array its peers can write. Flag slot `(phase, block, src)` on rank
-`dst` is a one-place mailbox: `src` signals by swapping it 0 -> 1 (release, system scope; it waits while the slot
-is still 1, i.e. while `dst` has not consumed the previous signal), `dst` waits by swapping it 1 -> 0 (acquire,
-system scope). So a barrier needs no counters and no reset, works inside CUDA graphs (nothing read from the host),
-and is reusable forever, provided both ranks run the same sequence of launches (they do: collectives are called
-in the same order everywhere). A `tl.debug_barrier()` (bar.sync) before the signal makes the whole block's stores
+`dst` is a mailbox: `src` signals with a posted atomic add of 1 into it (release, system scope; no round trip is
+waited for), `dst` waits by swapping it 1 -> 0 (acquire, system scope, local memory). A slot never holds two
+signals: before `src` can signal the same slot again it must pass a later barrier (every kernel has at least two)
+or start a later launch, and both need a signal `dst` sends only after consuming the first. So a barrier needs no
+epoch counters and no reset, works inside CUDA graphs (nothing read from the host) and is reusable forever,
+provided all ranks run the same sequence of launches (they do: collectives are called in the same order
+everywhere). A rank does not signal itself. A `tl.debug_barrier()` (bar.sync) before the signal makes the whole block's stores
 part of what the release publishes, and one after the wait makes the acquired data visible to every thread.
 
 Pairing: block b of a launch only ever reads data that block b of the peer wrote (each kernel assigns elements to
@@ -28,22 +30,23 @@ import triton.language as tl
 
 @triton.jit
 def _barrier(flag_ptrs, phase, rank, WORLD: tl.constexpr, MAX_B: tl.constexpr):
-    """Block `program_id` of this rank meets the same block of every rank (see the module docstring)."""
+    """Block `program_id` of this rank meets the same block of every other rank (see the module docstring)."""
     block = tl.program_id(0)
     slot = (phase * MAX_B + block) * WORLD
     tl.debug_barrier()  # every thread's stores are issued before thread 0 releases them
     for peer in tl.static_range(WORLD):
-        peer_flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
-        while tl.atomic_cas(peer_flags + slot + rank, 0, 1, sem="release", scope="sys") != 0:
-            pass
+        if peer != rank:  # posted: the result is unused, so nothing waits for the round trip over NVLink
+            peer_flags = tl.load(flag_ptrs + peer).to(tl.pointer_type(tl.int32))
+            tl.atomic_add(peer_flags + slot + rank, 1, sem="release", scope="sys")
     my_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
-        while tl.atomic_cas(my_flags + slot + peer, 1, 0, sem="acquire", scope="sys") != 1:
-            pass
+        if peer != rank:  # local polling; a slot never holds more than one signal (module docstring)
+            while tl.atomic_cas(my_flags + slot + peer, 1, 0, sem="acquire", scope="sys") != 1:
+                pass
     tl.debug_barrier()  # the acquired data is visible to the whole block from here
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_elements", "rank"])
 def one_shot_all_reduce_kernel(data_ptr, buffer_ptrs, flag_ptrs, num_elements, rank,
                                WORLD: tl.constexpr, BLOCK: tl.constexpr, MAX_B: tl.constexpr):
     """data (in place) <- sum over ranks of data. Each rank publishes its input in its buffer, then every rank
@@ -63,12 +66,12 @@ def one_shot_all_reduce_kernel(data_ptr, buffer_ptrs, flag_ptrs, num_elements, r
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
             peer_buffer = tl.load(buffer_ptrs + peer).to(tl.pointer_type(dtype))
-            acc += tl.load(peer_buffer + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            acc += tl.load(peer_buffer + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(data_ptr + offs, acc.to(dtype), mask=mask)
     _barrier(flag_ptrs, 1, rank, WORLD, MAX_B)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_elements", "slice_size", "rank"])
 def two_shot_all_reduce_kernel(data_ptr, buffer_ptrs, flag_ptrs, num_elements, slice_size, rank,
                                WORLD: tl.constexpr, BLOCK: tl.constexpr, MAX_B: tl.constexpr):
     """Reduce-scatter then all-gather through the same buffers. The tensor is cut into WORLD slices of
@@ -90,7 +93,7 @@ def two_shot_all_reduce_kernel(data_ptr, buffer_ptrs, flag_ptrs, num_elements, s
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for peer in tl.static_range(WORLD):
             peer_buffer = tl.load(buffer_ptrs + peer).to(tl.pointer_type(dtype))
-            acc += tl.load(peer_buffer + offs, mask=mask, other=0.0, volatile=True).to(tl.float32)
+            acc += tl.load(peer_buffer + offs, mask=mask, other=0.0).to(tl.float32)
         reduced = acc.to(dtype)
         tl.store(my_buffer + offs, reduced, mask=mask)  # only this rank reads its own slice before the barrier
         tl.store(data_ptr + offs, reduced, mask=mask)
@@ -101,11 +104,11 @@ def two_shot_all_reduce_kernel(data_ptr, buffer_ptrs, flag_ptrs, num_elements, s
             for start in range(block * BLOCK, slice_size, stride):
                 offs = part * slice_size + start + tl.arange(0, BLOCK)
                 mask = (offs < num_elements) & (start + tl.arange(0, BLOCK) < slice_size)
-                tl.store(data_ptr + offs, tl.load(owner_buffer + offs, mask=mask, volatile=True), mask=mask)
+                tl.store(data_ptr + offs, tl.load(owner_buffer + offs, mask=mask), mask=mask)
     _barrier(flag_ptrs, 2, rank, WORLD, MAX_B)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot_size", "rank"])
 def all_to_all_kernel(in_ptr, out_ptr, recv_ptrs, flag_ptrs, send_offsets, send_sizes, recv_offsets, recv_sizes,
                       slot_size, rank, WORLD: tl.constexpr, BLOCK: tl.constexpr, MAX_B: tl.constexpr):
     """Rank r writes in[send_offsets[p] : + send_sizes[p]] straight into slot r of rank p's receive buffer (slots
@@ -131,5 +134,5 @@ def all_to_all_kernel(in_ptr, out_ptr, recv_ptrs, flag_ptrs, send_offsets, send_
         for start in range(block * BLOCK, size, stride):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < size
-            tl.store(dst + offs, tl.load(src + offs, mask=mask, volatile=True), mask=mask)
+            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
     _barrier(flag_ptrs, 1, rank, WORLD, MAX_B)

@@ -116,7 +116,7 @@ def test_merge_of_configured_and_measured(settings, expected):
 
 def test_launch_shape_and_splits():
     small = launch_shape(8192, 2, max_blocks=64)
-    assert (small.block_elems, small.num_blocks) == (1024, 8)  # 16-byte vectors: 8 bf16 per thread, 128 threads
+    assert (small.block_elems, small.num_blocks) == (2048, 4)  # 16-byte vectors: 8 bf16 per thread, 256 threads
     assert launch_shape(1 << 26, 4, max_blocks=64).num_blocks == 64
     assert launch_shape(1, 4, max_blocks=64).num_blocks == 1
     x = torch.empty(10, 3)

@@ -29,6 +29,7 @@ from decode_tier.scheduler import (
     SchedulerConfig,
     StepOutput,
 )
+from mesh import comm
 from mesh.kv_cache import allocate_kv_cache
 from mesh.model import AttentionBatch, CausalLM
 from mesh.pipeline import forward_micro_batched
@@ -77,12 +78,22 @@ class StepRunner:
         self._positions = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         self._logits_indices = torch.arange(max_num_seqs, dtype=torch.long, device=device)
         self._query_lens = [1] * max_num_seqs
+        # This rank's collective bytes per request over its steps (mesh/comm.py); the replica takes them at finish.
+        self.comm_tally = comm.RequestTally()
 
-    @torch.inference_mode()
     def run(self, plan: DecodePlan, *, sample_tokens: bool = True) -> list[int] | None:
         """The batched forward (the model writes each fed token's K/V into its block before attention reads it),
         then the sampling when `sample_tokens` and this rank holds the logits (None otherwise): one token per
-        sequence of the plan, -1 where the plan samples nothing (a prompt chunk that does not end its prompt)."""
+        sequence of the plan, -1 where the plan samples nothing (a prompt chunk that does not end its prompt).
+        Its collectives' bytes go to `comm_tally`, split over the plan's sequences by the rows each fed."""
+        with comm.ledger_scope() as ledger:
+            try:
+                return self._run(plan, sample_tokens=sample_tokens)
+            finally:
+                self.comm_tally.add_step(plan.request_ids, plan.query_lens, ledger)
+
+    @torch.inference_mode()
+    def _run(self, plan: DecodePlan, *, sample_tokens: bool) -> list[int] | None:
         if not plan.is_decode_only:
             return self._run_mixed(plan, sample_tokens=sample_tokens)
         num_seqs = len(plan)

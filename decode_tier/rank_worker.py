@@ -16,6 +16,7 @@ import concurrent.futures
 import functools
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,7 @@ class DecodeRankWorker:
         log.info("%s rank %d on %s: %s", self.replica_id, self.rank, self._device, self._cache_size.description)
         kv_cache = allocate_kv_cache(model, num_blocks=self._cache_size.num_blocks, block_size=self._block_size)
         runner = StepRunner(model, kv_cache, self._max_num_seqs)
+        self._comm_tally = runner.comm_tally
         self._server = get_transport(self._kv_backend).make_server(token=self._kv_token)
         address = await self._server.start(node_host())
         self._receiver = RankKVReceiver(self._server, kv_cache, layout, self.rank, checksum=self._checksum)
@@ -191,6 +193,17 @@ class DecodeRankWorker:
                 except Exception:
                     log.exception("%s rank %d: control channel failed; no more steps", self.replica_id, self.rank)
                     return
+
+    async def take_comm_bytes(self, request_id: str, num_steps: int, timeout_s: float = 10.0) -> dict[str, int]:
+        """This rank's collective bytes of a finished request, once it has run `num_steps` steps (rank 0's count
+        when the request finished: this rank may still be closing that step). Called by rank 0."""
+        deadline = time.monotonic() + timeout_s
+        while self._comm_tally.num_steps < num_steps:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.replica_id} rank {self.rank} ran {self._comm_tally.num_steps} of "
+                                   f"{num_steps} steps")
+            await asyncio.sleep(0.001)
+        return self._comm_tally.take(request_id)
 
     async def ping(self) -> bool:
         """True while the rank still serves steps."""

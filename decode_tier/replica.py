@@ -39,6 +39,7 @@ from mesh.rank_device import actor_device, node_host
 from kv_transfer.mesh_layout import PrefillLayout
 from kv_transfer.mesh_session import MeshReservation, RankKVReceiver
 from kv_transfer.transport import TransferStats, get_transport
+from mesh import comm
 from mesh.parallel import MeshShape
 from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
@@ -222,7 +223,8 @@ class DecodeReplica:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], first_token: int):
         """Streaming generator. First item: {"kv_bytes", "kv_wait_s"}; then {"token_ids": [...],
-        "finish_reason": str | None} until a finish reason is set."""
+        "finish_reason": str | None} until a finish reason is set; the finishing item of a request that ran decode
+        steps also has "comm_bytes" (kind -> payload bytes of the replica's collectives for it, all ranks)."""
         pending = self._pending.get(request_id)
         if pending is None:
             raise KeyError(f"request {request_id} has no reservation on decode replica {self.replica_id} "
@@ -242,12 +244,33 @@ class DecodeReplica:
             self._wake.set()
             while True:
                 item = _stream_item(await _drain(queue))
+                await self._add_comm_bytes(request_id, item)
                 yield item
                 if item["finish_reason"]:
                     return
         finally:
             self._streams.pop(request_id, None)
             await self._release(request_id, is_claimed=is_claimed)
+
+    async def _add_comm_bytes(self, request_id: str, item: dict) -> None:
+        """On the item that finishes the request (not with an error: a rank may be gone), "comm_bytes": its bytes
+        over the steps it ran, summed over the replica's ranks (mesh/comm.py). Each rank split every step by rows;
+        the other ranks answer once they have closed the steps rank 0 ran."""
+        tally = getattr(self._engine.runner, "comm_tally", None)  # None: the one-GPU runner (nothing moves)
+        if not item["finish_reason"] or item["finish_reason"] == "error" or tally is None:
+            return
+        total = tally.take(request_id)
+        if self._workers:
+            try:
+                shares = await asyncio.wait_for(asyncio.gather(
+                    *(w.take_comm_bytes.remote(request_id, tally.num_steps) for w in self._workers)), 15)
+            except Exception as exc:  # the request still finishes; its figure would be partial, so none is given
+                log.warning("decode replica %s: comm bytes of %s not collected: %s", self.replica_id, request_id, exc)
+                return
+            for share in shares:
+                comm.add_into(total, share)
+        if total:
+            item["comm_bytes"] = total
 
     async def prefill_local(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> dict:
         """Local prefill: take blocks for the prompt plus max_tokens and queue the prompt; the engine feeds it in
@@ -291,6 +314,7 @@ class DecodeReplica:
                 if is_first:
                     item["prefill_s"] = time.monotonic() - queued_at
                     is_first = False
+                await self._add_comm_bytes(request_id, item)
                 yield item
                 if item["finish_reason"]:
                     return

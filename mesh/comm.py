@@ -22,6 +22,7 @@ or an event loop beside the compute thread never count into each other's ledgers
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -285,6 +286,46 @@ def split_exact(total: int, weights: list[int]) -> list[int]:
     for i in remainders[:total - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+class RequestTally:
+    """Per-request totals over many steps on one rank (a decode rank: a request runs in many steps).
+
+    Who calls it: the rank's step thread calls `add_step` after each forward (in step order); the event loop calls
+    `take` when a request finishes, after `num_steps` reached the finishing step. Thread-safe. Requests nobody takes
+    (aborted, failed) are dropped oldest first beyond `max_requests`, so the tally stays bounded."""
+
+    def __init__(self, *, max_requests: int = 4096) -> None:
+        if max_requests < 1:
+            raise ValueError(f"RequestTally: max_requests must be >= 1, got {max_requests}")
+        self.max_requests = max_requests
+        self._by_request: OrderedDict[str, dict[str, int]] = OrderedDict()
+        self._num_steps = 0
+        self._lock = threading.Lock()
+
+    @property
+    def num_steps(self) -> int:
+        """Steps recorded so far (every forward this rank ran, whatever it moved)."""
+        return self._num_steps
+
+    def add_step(self, request_ids: tuple[str, ...] | list[str], query_lens: tuple[int, ...] | list[int],
+                 ledger: CommLedger) -> None:
+        """One forward over these sequences (no CP sharding: decode steps), split by rows (query_lens: 1 per decode
+        row, the chunk's length for a prompt chunk), hence evenly over a decode-only step."""
+        shares = attribute(ledger.nonzero(), rows=list(query_lens)) if ledger.total and request_ids else []
+        with self._lock:
+            for request_id, share in zip(request_ids, shares):
+                if share:
+                    add_into(self._by_request.setdefault(request_id, {}), share)
+                    self._by_request.move_to_end(request_id)
+            while len(self._by_request) > self.max_requests:
+                self._by_request.popitem(last=False)
+            self._num_steps += 1
+
+    def take(self, request_id: str) -> dict[str, int]:
+        """The request's bytes by kind so far, forgotten here ({} when it moved none)."""
+        with self._lock:
+            return self._by_request.pop(request_id, {})
 
 
 def add_into(target: dict[str, int], source: dict[str, int]) -> dict[str, int]:

@@ -141,6 +141,22 @@ def test_attribution_is_exact_and_sums_to_the_ledger():
         comm.attribute(step, rows=[1, 2], kv_rows=[1])
 
 
+def test_request_tally_splits_steps_by_rows_and_stays_bounded():
+    tally = comm.RequestTally(max_requests=2)
+    step = comm.CommLedger()
+    step.add("tp_allreduce", 300)
+    step.add("tp_allgather", 40)
+    tally.add_step(("a", "b"), (1, 1), step)  # a decode step: even split
+    tally.add_step(("a", "c"), (1, 2), step)  # with a prompt chunk of 2 rows for c
+    tally.add_step(("a",), (1,), comm.CommLedger())  # a one-rank step moves nothing but still counts
+    assert tally.num_steps == 3
+    assert tally.take("a") == {"tp_allreduce": 250, "tp_allgather": 40}
+    assert tally.take("c") == {"tp_allreduce": 200, "tp_allgather": 20}
+    assert tally.take("a") == {} and tally.take("b") == {}  # b was dropped (oldest beyond 2), a already taken
+    with pytest.raises(ValueError, match="max_requests"):
+        comm.RequestTally(max_requests=0)
+
+
 # --- a real Gloo world ----------------------------------------------------------------------------------------------
 
 def _counted(run) -> dict[str, int]:

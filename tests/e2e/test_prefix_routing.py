@@ -94,3 +94,46 @@ def test_follow_up_turns_land_on_the_replica_holding_the_prefix_and_stay_exact(p
         assert s["prefix_cache_enabled"] and 0 < s["prefix_cache_stored_tokens"] <= s["prefix_cache_max_tokens"]
         # Follow-ups replaced the turns they extended: one entry per conversation that lives there.
         assert s["prefix_cache_entries"] == home.count(replica_id)
+
+
+# ---- multi-rank prefill meshes -----------------------------------------------------------------------------------
+
+PREFILL_MESHES = ({"cp": 2, "pp": 2}, {"tp": 2})  # cp > 1: a hit's KV leaves from the store after the forward
+
+
+@pytest.fixture(scope="module")
+def mesh_cluster(ray_local, tmp_path_factory):
+    from orchestrator.config import MeshSection
+
+    model_dir = make_model_dir(tmp_path_factory, "tiny-llama")
+    config = cluster_config(model_dir)
+    ranks = {"num_cpus": 0.25}
+    prefill = dataclasses.replace(
+        config.prefill, mesh=MeshSection(**PREFILL_MESHES[0]), resources=ranks,
+        prefix_cache=dataclasses.replace(config.prefill.prefix_cache, max_tokens=4096, block_size=CACHE_BLOCK_SIZE))
+    config = dataclasses.replace(config, prefill=prefill, decode=dataclasses.replace(
+        config.decode, mesh=MeshSection(tp=2), resources=ranks))
+    with RunningCluster(config) as cluster:
+        cluster.deployment.add_replicas([dataclasses.replace(prefill, mesh=MeshSection(**PREFILL_MESHES[1]))])
+        yield cluster, model_dir
+
+
+@pytest.mark.parametrize("mesh_index", range(len(PREFILL_MESHES)),
+                         ids=["".join(f"{k}{v}" for k, v in m.items()) for m in PREFILL_MESHES])
+def test_cached_turns_on_multi_rank_prefill_meshes_equal_transformers(mesh_cluster, mesh_index):
+    cluster, model_dir = mesh_cluster
+    replica_id = f"prefill-{mesh_index}"
+    for handle in cluster.deployment.prefill:  # only this replica in rotation (as a draining one leaves it)
+        handle.state = "ready" if handle.replica_id == replica_id else "draining"
+    rng = random.Random(100 + mesh_index)
+    prompt = [rng.randrange(3, 256) for _ in range(29)]
+    for turn in range(NUM_TURNS):
+        tokens, last = _generate(cluster.address, prompt)
+        assert last.prefill_replica == replica_id
+        assert tokens == hf_greedy(model_dir, [prompt], MAX_NEW_TOKENS)[0], f"turn {turn} diverged"
+        cached = last.usage.cached_prompt_tokens
+        assert (cached == 0) if turn == 0 else (cached >= CACHE_BLOCK_SIZE * 3), (turn, cached)
+        prompt = prompt + tokens + [rng.randrange(3, 256) for _ in range(5)]
+    stats = ray.get(next(h for h in cluster.deployment.prefill if h.replica_id == replica_id)
+                    .actor.get_stats.remote(), timeout=30)
+    assert stats["prefix_cache_hits"] == NUM_TURNS - 1 and stats["prefix_cache_misses"] == 1

@@ -74,17 +74,6 @@ class ClusterBackend:
         else:
             self._policy = policy
 
-    def use_policy(self, tier: str, name: str) -> None:
-        """Route `tier` ("prefill" or "decode") with a fresh policy `name` from now on (what it learned is dropped).
-        For comparing policies on one running deployment (benchmarks/multiturn.py); the tier's cluster.yaml options
-        apply."""
-        section = {"prefill": self.deployment.config.prefill, "decode": self.deployment.config.decode}[tier]
-        policy = get_policy(name, _policy_options(section))
-        if tier == "prefill":
-            self._prefill_policy = policy
-        else:
-            self._policy = policy
-
     def _ready(self, tier: str) -> list[ReplicaHandle]:
         return [h for h in self.deployment.replicas(tier) if h.state == "ready"]
 

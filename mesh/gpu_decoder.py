@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mesh.config import ModelConfig
-from mesh.gpu_ops import MAX_FUSED_ROWS, TorchOps, default_ops, is_fusable, rope_tables
+from mesh.gpu_ops import MAX_FUSED_ROWS, TorchOps, default_ops, greedy_tokens, is_fusable, rope_tables
 from mesh.gpu_weights import FusedWeights, fuse, share_with_model, tensors_of_model
 from mesh.layers import rope_inverse_frequencies
 
@@ -62,6 +62,8 @@ class GpuDecoder:
         self.gemv_tiles: dict[tuple[str, int], Any] = {}
         # (projection, rows) -> tile of the bare Triton product in the unfused decode, None (or absent) = cuBLAS.
         self.plain_gemv_tiles: dict[tuple[str, int], Any] = {}
+        # rows -> the fused down projection computes SiLU*up in its prologue (default) or after the SiLU*up kernel.
+        self.down_silu_prologue: dict[int, bool] = {}
 
     # ---- construction ------------------------------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ class GpuDecoder:
             delta = self._project("down", ops.silu_mul(self._project("gate_up", x, layer.gate_up)), layer.down)
         x = ops.add_rms_norm(h, delta, w.norm, self.eps)
         logits = self._project("lm_head", x, w.lm_head, out_dtype=torch.float32)
-        return logits, logits.argmax(dim=-1)
+        return logits, greedy_tokens(logits)
 
     def _project(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -131,6 +133,7 @@ class GpuDecoder:
         if not is_fusable(num_rows):
             raise ValueError(f"decode(fused=True): {num_rows} rows; a power of two up to {MAX_FUSED_ROWS}")
         tiles = {name: self.gemv_tiles.get((name, num_rows)) for name in ("qkv", "o", "gate_up", "down", "lm_head")}
+        silu_prologue = self.down_silu_prologue.get(num_rows, True)
         h = F.embedding(input_ids, w.embed)
         sumsq = torch.zeros((len(w.layers) + 1, 2, num_rows), dtype=torch.float32, device=h.device)
         x = ops.add_rms_norm(h, None, w.layers[0].input_norm, eps)  # the first norm has no kernel before it
@@ -147,11 +150,15 @@ class GpuDecoder:
                              residual=(h, sumsq[index, 1]), tile=tiles["o"])
             gate_up = ops.fused_linear(h, layer.gate_up, norm=(layer.post_norm, sumsq[index, 1], eps),
                                        tile=tiles["gate_up"])
-            ops.fused_linear(gate_up, layer.down, silu_input=True, residual=(h, sumsq[index + 1, 0]),
-                             tile=tiles["down"])
+            if silu_prologue:
+                ops.fused_linear(gate_up, layer.down, silu_input=True, residual=(h, sumsq[index + 1, 0]),
+                                 tile=tiles["down"])
+            else:
+                ops.fused_linear(ops.silu_mul(gate_up), layer.down, residual=(h, sumsq[index + 1, 0]),
+                                 tile=tiles["down"])
         logits = ops.fused_linear(h, w.lm_head, norm=(w.norm, sumsq[len(w.layers), 0], eps), out_dtype=torch.float32,
                                   tile=tiles["lm_head"])
-        return logits, logits.argmax(dim=-1)
+        return logits, greedy_tokens(logits)
 
     # ---- prefill -----------------------------------------------------------------------------------------------
 

@@ -5,7 +5,8 @@ Who calls it: `mesh.gpu_graphs.DecodeGraphs.capture` (once per fusable bucket, b
 benchmarks/engine_speed.py (which reports the table). It promises: `decoder.gemv_tiles[(name, rows)]` (the fused
 step's tile) is set for every projection whose fused call ran on at least one candidate tile, and
 `decoder.plain_gemv_tiles[(name, rows)]` (the unfused step's: a tile where the bare Triton product beat cuBLAS,
-else None) for every projection; the returned rows say what each choice measured. Timings are CUDA-graph replays of one call per layer over every layer's own weight (the weights of one
+else None) for every projection, and `decoder.down_silu_prologue[rows]` (the fused down projection computes SiLU*up
+in its prologue, or after a separate SiLU*up kernel, whichever measured faster); the returned rows say what each choice measured. Timings are CUDA-graph replays of one call per layer over every layer's own weight (the weights of one
 layer would sit in L2 on repeats and flatter the result).
 """
 
@@ -97,20 +98,35 @@ def tune_decode_gemv(decoder: Any, rows: int, candidates: Sequence[Any] | None =
                      "failed": [], "plain_us": {}, "fused_us": {}}
         x, out_dtype = plain_kwargs["x"], plain_kwargs.get("out_dtype")
         row["cublas_us"] = graph_time_us([lambda w=w: F.linear(x, w).to(out_dtype or w.dtype) for w in weights])
+        kinds = {"plain": plain_kwargs, "fused": fused_kwargs}
+        if name == "down":  # the alternative fused down: the SiLU*up kernel, then the product with its epilogue
+            kinds["fused_silu_kernel"] = {**fused_kwargs, "silu_input": False}
+            row["fused_silu_kernel_us"] = {}
+
+        def call(w, kind, tile):
+            args = {k: v for k, v in kinds[kind].items() if k != "x"}
+            x_in = kinds[kind]["x"]
+            if kind == "fused_silu_kernel":
+                return lambda: fused_gemv(decoder.ops.silu_mul(x_in), w, tile=tile, **args)
+            return lambda: fused_gemv(x_in, w, tile=tile, **args)
+
         for tile in candidates:
             label = f"{tile.block_n}x{tile.block_k}w{tile.num_warps}"
-            for kind, kwargs in (("plain", plain_kwargs), ("fused", fused_kwargs)):
+            for kind in kinds:
                 try:
-                    us = graph_time_us([lambda w=w, a=kwargs: fused_gemv(a["x"], w, tile=tile,
-                                                                         **{k: v for k, v in a.items() if k != "x"})
-                                        for w in weights])
+                    us = graph_time_us([call(w, kind, tile) for w in weights])
                 except Exception as error:  # a tile that does not fit this GPU: try the others
                     row["failed"].append(f"{kind} {label}: {type(error).__name__}: {str(error)[:120]}")
                     continue
                 row[f"{kind}_us"][label] = (us, tile)
-        if row["fused_us"]:
-            label, (us, tile) = min(row["fused_us"].items(), key=lambda item: item[1][0])
+        fused_options = [(us, tile, label, kind == "fused") for kind in kinds if kind != "plain"
+                         for label, (us, tile) in row[f"{kind}_us"].items()]
+        if fused_options:
+            us, tile, label, is_prologue = min(fused_options, key=lambda option: option[0])
             decoder.gemv_tiles[(name, rows)] = tile
+            if name == "down":
+                decoder.down_silu_prologue[rows] = is_prologue
+                label += "" if is_prologue else " +silu kernel"
             row.update(tile=label, us=us, bytes_per_s=num_bytes / (us / 1e6))
         plain = min(row["plain_us"].items(), key=lambda item: item[1][0], default=None)
         if plain is not None and plain[1][0] < row["cublas_us"]:
@@ -121,7 +137,7 @@ def tune_decode_gemv(decoder: Any, rows: int, candidates: Sequence[Any] | None =
             row.update(plain_choice="cublas", plain_best_us=row["cublas_us"])
         row["cublas_bytes_per_s"] = num_bytes / (row["cublas_us"] / 1e6)
         row["plain_bytes_per_s"] = num_bytes / (row["plain_best_us"] / 1e6)
-        for kind in ("plain", "fused"):  # JSON: times only
+        for kind in kinds:  # JSON: times only
             row[f"{kind}_us"] = {label: us for label, (us, _) in row[f"{kind}_us"].items()}
         report.append(row)
     return report

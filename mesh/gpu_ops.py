@@ -122,6 +122,22 @@ class TorchOps:
         return h
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first index of the maximum, as argmax), in two passes over the vocabulary: the
+    maxima of up to 256 equal column chunks, then the best chunk. Why: argmax over one long row runs in a single
+    thread block (28 us for a 128K vocabulary on an H200, more than a layer's attention); the chunked maxima run
+    in parallel. Graph safe (shape-determined work only)."""
+    num_rows, vocab = logits.shape
+    num_chunks = 1
+    while num_chunks < 256 and vocab % (2 * num_chunks) == 0 and vocab // (2 * num_chunks) >= 64:
+        num_chunks *= 2
+    if num_chunks == 1:
+        return logits.argmax(dim=-1)
+    chunk_max, chunk_index = logits.view(num_rows, num_chunks, vocab // num_chunks).max(dim=-1)
+    best_chunk = chunk_max.argmax(dim=-1, keepdim=True)
+    return (best_chunk * (vocab // num_chunks) + chunk_index.gather(1, best_chunk)).squeeze(1)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, in x's dtype, as mesh.layers.RotaryEmbedding.apply computes it."""
     half = x.shape[-1] // 2

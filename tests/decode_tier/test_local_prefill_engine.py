@@ -112,6 +112,39 @@ def test_chunked_local_prefill_matches_transformers_while_a_stream_keeps_decodin
 
 
 @pytest.mark.parametrize("runner", ["reference", "gpu-path"])
+def test_prompts_sharing_a_small_budget_get_one_token_and_partial_chunks(model_dir, hf_greedy, runner):
+    # A 5-token budget, one running stream: p (3) fits whole, q (5) gets what is left: 1 token (fresh, samples
+    # nothing), then 3 against its cached token, then its last token alone (a one-row chunk that samples, which the
+    # GPU path runs as a decode row), next to r (2, fresh).
+    engine = make_engine(model_dir, runner=runner, max_step_tokens=5, max_num_seqs=4)
+    params = SamplingParams(max_tokens=6)  # eos ends a stream here as it ends transformers' generate
+    prompts = {"s": make_prompt(4, 20), "p": make_prompt(3, 21), "q": make_prompt(5, 22), "r": make_prompt(2, 23)}
+    streams = {"s": [admit_prefilled(engine, "s", prompts["s"], params)]}
+    for rid in "pqr":
+        engine.add_prompt(rid, prompts[rid], params)
+        streams[rid] = []
+    plans = []
+    original_run = engine.runner.run
+
+    def recording_run(plan, **kwargs):
+        plans.append(plan)
+        return original_run(plan, **kwargs)
+
+    engine.runner.run = recording_run
+    run_to_end(engine, streams)
+
+    def shape(plan, rid):
+        i = plan.request_ids.index(rid)
+        return plan.query_lens[i], plan.context_lens[i], plan.is_sampled[i]
+
+    assert [shape(plan, "q") for plan in plans[:3]] == [(1, 0, False), (3, 1, False), (1, 4, True)]
+    assert shape(plans[0], "p") == (3, 0, True) and shape(plans[2], "r") == (2, 0, True)
+    for rid, prompt in prompts.items():
+        assert streams[rid] == hf_greedy(prompt, 6), rid
+    assert engine.num_free_blocks == engine.num_total_blocks
+
+
+@pytest.mark.parametrize("runner", ["reference", "gpu-path"])
 def test_seeded_local_prefill_equals_the_disaggregated_stream_and_resumes_with_output_offset(model_dir, runner):
     engine = make_engine(model_dir, runner=runner, max_step_tokens=8)
     prompt = make_prompt(19, 7)

@@ -119,7 +119,7 @@ def decode_run(decoder: GpuDecoder, cache: list[torch.Tensor], batch: int, args:
             "tokens_per_s": batch / (step_ms / 1e3), "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
             "num_splits": splits, "capture_s": capture_s, "is_fused": is_fused,
             "fused_replay_ms": choice.get("fused_ms"), "unfused_replay_ms": choice.get("plain_ms"),
-            "gemv": choice.get("gemv"), "kernels": breakdown}
+            "gemv": choice.get("gemv"), "fused_error": choice.get("error"), "kernels": breakdown}
 
 
 _KERNEL_KINDS = (("_fused_gemv", "triton gemv"), ("_paged_decode", "paged attention"),

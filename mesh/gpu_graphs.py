@@ -120,14 +120,21 @@ class DecodeGraphs:
                 continue
             from mesh.gpu_gemv_tuning import tune_decode_gemv
 
-            gemv = tune_decode_gemv(self.decoder, rows)
-            variants = {fused: self._capture_one(rows, fused, pool) for fused in (True, False)}
+            try:
+                gemv = tune_decode_gemv(self.decoder, rows)
+                fused_graph = self._capture_one(rows, True, pool)
+            except Exception as error:  # e.g. a kernel this GPU cannot compile: the unfused step still serves
+                self.is_fused[rows] = False
+                self._graphs[rows] = self._capture_one(rows, False, pool)
+                self.choices[rows] = {"fused": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+                continue
+            variants = {True: fused_graph, False: self._capture_one(rows, False, pool)}
             times = {fused: _replay_ms(graph) for fused, (graph, _, _) in variants.items()}
             choice = times[True] < times[False]
             self.is_fused[rows] = choice
             self._graphs[rows] = variants[choice]
             self.choices[rows] = {"fused": choice, "fused_ms": times[True], "plain_ms": times[False], "gemv": gemv}
-            del variants
+            del variants, fused_graph
         torch.cuda.synchronize(self.device)
 
     def _capture_one(self, rows: int, fused: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:

@@ -443,15 +443,16 @@ def test_capture_measures_fused_against_unfused_and_keeps_the_faster(gpu_model_d
     reference = CausalLM.load(gpu_model_dir, dtype=torch.bfloat16, device="cuda")
     ours = GpuDecoder.from_model(reference)
     cache = allocate_kv_cache(reference, 8, 16)
-    graphs = DecodeGraphs(ours, cache, max_num_seqs=16)  # buckets 1..8 fusable, 16 not
+    graphs = DecodeGraphs(ours, cache, max_num_seqs=6, buckets=(1, 2, 4))  # 1, 2, 4 fusable; 6 not
     graphs.capture()
-    assert set(graphs.choices) == {1, 2, 4, 8}
+    assert set(graphs.choices) == {1, 2, 4}
     for rows, choice in graphs.choices.items():
+        assert "error" not in choice, choice
         print(f"rows {rows}: fused {choice['fused_ms']:.3f} ms, unfused {choice['plain_ms']:.3f} ms")
         assert graphs.is_fused[rows] is (choice["fused_ms"] < choice["plain_ms"])
         assert {row["projection"] for row in choice["gemv"]} == {"qkv", "o", "gate_up", "down", "lm_head"}
         assert {name for name, r in ours.plain_gemv_tiles if r == rows} == {"qkv", "o", "gate_up", "down", "lm_head"}
-    assert graphs.is_fused[16] is False
+    assert graphs.is_fused[6] is False
 
 
 @pytest.mark.parametrize("vocab", [128256, 2048, 1000, 97])

@@ -61,13 +61,13 @@ def sweep(dda, args) -> dict:
     rows = []
     for run in (1, 2):
         for size in ar_sizes:
-            for algorithm in ("nccl", "one-shot", "two-shot", "one-shot-torch"):
+            for algorithm in ("nccl", "one-shot", "two-shot", "one-shot-2b", "two-shot-2b", "one-shot-torch"):
                 if algorithm == "one-shot-torch" and size > TORCH_VIEWS_MAX_BYTES:
                     continue
                 us = time_all_reduce(dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_reduce", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
         for size in a2a_sizes:
-            for algorithm in ("nccl", "direct"):
+            for algorithm in ("nccl", "direct", "direct-2b"):
                 us = time_all_to_all(dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_to_all", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
     return {"rows": rows}
@@ -144,12 +144,15 @@ def tp_decode(collectives, args, rank: int, device: str) -> list[dict]:
                  "logits": torch.empty(batch * NUM_GPUS, VOCAB // NUM_GPUS, dtype=torch.bfloat16, device=device)}
         variants = {"nccl": lambda t: dist.all_reduce(t, group=group), "dda": collectives.all_reduce,
                     "none": lambda t: None}
+        if collectives.dda is not None:  # the table's choice, and one-shot whatever the table says
+            variants["one-shot"] = lambda t: collectives.dda.all_reduce(t, "one-shot")
         message_bytes = batch * HIDDEN * 2
         for run in (1, 2):
             for name, all_reduce in variants.items():
                 step_ms = _time_step(lambda: _decode_step(TritonOps, weights, state, caches, all_reduce, group),
                                      args.replays_tpot, group)
-                algorithm = {"nccl": "nccl", "none": "-"}.get(name) or collectives.all_reduce_algorithm(state["h"])
+                algorithm = {"nccl": "nccl", "none": "-", "one-shot": "one-shot"}.get(name) \
+                    or collectives.all_reduce_algorithm(state["h"])
                 results.append({"batch": batch, "context": args.context, "variant": name, "run": run,
                                 "allreduce_bytes": message_bytes, "algorithm": algorithm, "tpot_ms": step_ms})
         caches = state = None  # free this batch's cache before the next one is drawn
@@ -191,7 +194,7 @@ def _rank_main(rank: int, port: int, args, out_path: str) -> None:
                             device_id=torch.device("cuda", rank))
     document: dict = {}
     try:
-        dda = DirectAccessGroup.create(dist.group.WORLD, buffer_bytes=max(ALL_REDUCE_SIZES))
+        dda = DirectAccessGroup.create(dist.group.WORLD, buffer_bytes=2 * max(ALL_REDUCE_SIZES))
         document["sweep"] = sweep(dda, args)
         if not args.skip_tpot:
             group = dist.new_group(list(range(NUM_GPUS)), backend="nccl")
@@ -221,8 +224,9 @@ def _median_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tupl
 def report(document: dict) -> None:
     rows = document["sweep"]["rows"]
     by = _median_by(rows, ("op", "algorithm", "bytes"), "us")
-    for op, algorithms in (("all_reduce", ("nccl", "one-shot", "two-shot", "one-shot-torch")),
-                           ("all_to_all", ("nccl", "direct"))):
+    for op, algorithms in (("all_reduce", ("nccl", "one-shot", "two-shot", "one-shot-2b", "two-shot-2b",
+                                           "one-shot-torch")),
+                           ("all_to_all", ("nccl", "direct", "direct-2b"))):
         sizes = sorted({r["bytes"] for r in rows if r["op"] == op})
         table = []
         for size in sizes:
@@ -239,10 +243,13 @@ def report(document: dict) -> None:
         table = []
         for batch in sorted({r["batch"] for r in document["tpot"]}):
             nccl, dda, none = (by[(batch, v)] for v in ("nccl", "dda", "none"))
+            forced = by.get((batch, "one-shot"), [float("nan")])
             table.append([batch, f"{min(nccl):.3f}/{max(nccl):.3f}", f"{min(dda):.3f}/{max(dda):.3f}",
-                          algorithm[(batch, "dda")], f"{min(none):.3f}", f"{min(nccl) / min(dda):.3f}x"])
+                          algorithm[(batch, "dda")], f"{min(forced):.3f}", f"{min(none):.3f}",
+                          f"{min(nccl) / min(dda):.3f}x"])
         print_table("TP2 decode TPOT (ms), Llama-3-8B shape, CUDA graph per step, runs 1/2",
-                    ["batch", "nccl", "dda", "dda algorithm", "no all-reduce", "nccl / dda"], table)
+                    ["batch", "nccl", "dda (table)", "table's algorithm", "one-shot", "no all-reduce", "nccl / dda"],
+                    table)
         print(f"start-up crossover table: {document.get('startup_table')}")
 
 

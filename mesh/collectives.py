@@ -112,7 +112,7 @@ def merge_table(config: CollectivesConfig, measured: CrossoverTable | None) -> C
     """The table a group uses: forced algorithms as configured (up to the buffer), else the configured crossovers,
     the measured ones where the config left them out."""
     measured = measured or NEVER
-    buffer = config.buffer_bytes
+    buffer = config.buffer_bytes // 2  # the largest message: calls alternate between the buffer's halves
 
     def pick(configured: int | None, measured_value: int) -> int:
         return min(buffer, measured_value if configured is None else configured)
@@ -155,7 +155,7 @@ class GroupCollectives:
         if self.dda is None or not (input.is_cuda and input.is_contiguous() and output.is_contiguous()):
             return NCCL
         num_bytes = max(input.numel() * input.element_size(), output.numel() * output.element_size())
-        if num_bytes > self.dda.buffer_bytes:
+        if num_bytes > self.dda.message_bytes:
             return NCCL
         return self.table.all_to_all_algorithm(num_bytes)
 
@@ -235,8 +235,8 @@ def measure_table(dda: Any, config: CollectivesConfig, *, calls_per_graph: int =
     step pays), agrees the timings over the group (MAX) and reads the crossovers off them. About a second."""
     from mesh.dda_timing import time_all_reduce, time_all_to_all
 
-    sizes = [s for s in STARTUP_ALL_REDUCE_SIZES if s <= dda.buffer_bytes]
-    a2a_sizes = [s for s in STARTUP_ALL_TO_ALL_SIZES if s <= dda.buffer_bytes]
+    sizes = [s for s in STARTUP_ALL_REDUCE_SIZES if s <= dda.message_bytes]
+    a2a_sizes = [s for s in STARTUP_ALL_TO_ALL_SIZES if s <= dda.message_bytes]
     algorithms = (NCCL, ONE_SHOT, TWO_SHOT)
     all_reduce_us = {name: [time_all_reduce(dda, name, size, dtype=torch.bfloat16, calls=calls_per_graph,
                                             replays=replays) for size in sizes] for name in algorithms}

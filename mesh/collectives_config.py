@@ -12,7 +12,7 @@ Keys (all optional):
   the ones given are used as they are and the missing ones are measured at start-up (a few sizes, a fraction of a
   second); 0 means "never".
 - `buffer_bytes`: symmetric buffer per group and rank (default 8 MiB, a multiple of 4096); no direct-access
-  message is larger.
+  message is larger than half of it (calls alternate between the halves).
 """
 
 from __future__ import annotations

@@ -10,9 +10,12 @@ is a collective too, called by every rank with the same shapes.
 What it promises:
 - `all_reduce(tensor, algorithm="one-shot" | "two-shot")`: sums `tensor` in place over the group; 16-bit inputs are
   accumulated in float32 and rounded once; every rank ends with bit-identical values. `tensor` must be contiguous,
-  on this rank's GPU, and at most `buffer_bytes`.
+  on this rank's GPU, and at most `buffer_bytes / 2` (`message_bytes`: calls alternate between two halves).
 - `all_to_all_single(output, input, output_split_sizes, input_split_sizes)`: as torch.distributed's (splits in
-  rows of dim 0; None = equal), each rank's share at most `buffer_bytes / world_size`.
+  rows of dim 0; None = equal), each rank's share at most `message_bytes / world_size`.
+- The "-2b" algorithms (the first kernels, mesh/dda_kernels.py) and `all_reduce_torch_views` use the buffer without
+  the halves: they are for measurement only, and must not follow a double-buffered call of the group before a
+  device synchronisation and a group barrier.
 - No host synchronisation and fixed buffers: every call can be captured in a CUDA graph and replayed. The
   all-to-all's split sizes become device tensors; pass `split_tensors=` (int64 element offsets/sizes) to keep
   them fixed inside a graph.
@@ -34,7 +37,7 @@ import torch.distributed as dist
 MAX_WORLD_SIZE = 8  # ranks of one NVLink host; the one-shot reads grow with the world anyway
 MAX_BLOCKS = 128  # flag slots are reserved for this many blocks per phase
 NUM_PHASES = 3  # barriers per launch at most (two-shot: scattered, reduced, done)
-ALGORITHMS = ("one-shot", "two-shot")
+ALGORITHMS = ("one-shot", "two-shot", "one-shot-2b", "two-shot-2b")
 _VECTOR_BYTES = 16  # per thread per iteration: one 128-bit load
 
 
@@ -96,7 +99,8 @@ class DirectAccessGroup:
     """Symmetric buffers, flags and launches for one process group. Create with `create` (collective)."""
 
     def __init__(self, *, group: Any, rank: int, world_size: int, buffer_bytes: int, buffer: torch.Tensor,
-                 buffer_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, handles: tuple, max_blocks: int) -> None:
+                 buffer_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, epoch_flag_ptrs: torch.Tensor,
+                 epochs: torch.Tensor, handles: tuple, max_blocks: int) -> None:
         self.group = group
         self.rank = rank
         self.world_size = world_size
@@ -104,7 +108,9 @@ class DirectAccessGroup:
         self.max_blocks = max_blocks
         self._buffer = buffer  # kept alive: peers map it
         self._buffer_ptrs = buffer_ptrs
-        self._flag_ptrs = flag_ptrs
+        self._flag_ptrs = flag_ptrs  # int32 mailboxes of the "-2b" kernels
+        self._epoch_flag_ptrs = epoch_flag_ptrs  # int64 epoch slots of the double-buffered kernels
+        self._epochs = epochs  # this rank's call counter per block (mesh/dda_epoch_kernels.py)
         self._handles = handles
         self._buffer_handle = handles[0]
         self._equal_splits: dict[tuple, tuple[torch.Tensor, ...]] = {}  # fixed device splits, reused by graphs
@@ -134,48 +140,76 @@ class DirectAccessGroup:
             _prefer_cuda_backend(symm_mem, device, group)
             buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
             flags = symm_mem.empty(num_flag_slots(world_size), dtype=torch.int32, device=device)
+            epoch_flags = symm_mem.empty(num_flag_slots(world_size), dtype=torch.int64, device=device)
             flags.zero_()  # every slot empty before any peer can signal (the barrier below orders it)
+            epoch_flags.zero_()
             torch.cuda.synchronize(device)
             buffer_handle = symm_mem.rendezvous(buffer, group)
             flag_handle = symm_mem.rendezvous(flags, group)
+            epoch_flag_handle = symm_mem.rendezvous(epoch_flags, group)
         except (RuntimeError, AttributeError) as error:
             raise DirectAccessUnavailable(f"symmetric memory rendezvous failed: {error}") from error
         buffer_ptrs = torch.tensor(list(buffer_handle.buffer_ptrs), dtype=torch.int64, device=device)
         flag_ptrs = torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        epoch_flag_ptrs = torch.tensor(list(epoch_flag_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        epochs = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no rank signals before every rank zeroed its flags
         return cls(group=group, rank=rank, world_size=world_size, buffer_bytes=buffer_bytes, buffer=buffer,
-                   buffer_ptrs=buffer_ptrs, flag_ptrs=flag_ptrs, handles=(buffer_handle, flag_handle, flags),
+                   buffer_ptrs=buffer_ptrs, flag_ptrs=flag_ptrs, epoch_flag_ptrs=epoch_flag_ptrs, epochs=epochs,
+                   handles=(buffer_handle, flag_handle, flags, epoch_flag_handle, epoch_flags),
                    max_blocks=max_blocks)
 
     # ---- all-reduce -------------------------------------------------------------------------------------------
+
+    @property
+    def message_bytes(self) -> int:
+        """Largest all-reduce / all-to-all input: half the buffer (calls alternate between the halves)."""
+        return self.buffer_bytes // 2
 
     def supports(self, tensor: torch.Tensor) -> bool:
         """True when `all_reduce` takes this tensor (else the caller uses NCCL)."""
         return (tensor.is_cuda and tensor.is_contiguous() and tensor.dtype in (torch.bfloat16, torch.float16,
                                                                                torch.float32)
-                and tensor.numel() * tensor.element_size() <= self.buffer_bytes)
+                and tensor.numel() * tensor.element_size() <= self.message_bytes)
 
     def all_reduce(self, tensor: torch.Tensor, algorithm: str = "one-shot") -> None:
-        """Sums `tensor` in place over the group (module docstring)."""
-        from mesh.dda_kernels import one_shot_all_reduce_kernel, two_shot_all_reduce_kernel
-
+        """Sums `tensor` in place over the group (module docstring). "one-shot-2b" / "two-shot-2b": the first
+        kernels (mesh/dda_kernels.py, a closing barrier per launch), kept to measure against."""
         if not self.supports(tensor):
             raise ValueError(f"DirectAccessGroup.all_reduce: needs a contiguous CUDA bf16/fp16/fp32 tensor of at "
-                             f"most {self.buffer_bytes} bytes, got {tensor.dtype} {tuple(tensor.shape)} "
+                             f"most {self.message_bytes} bytes, got {tensor.dtype} {tuple(tensor.shape)} "
                              f"contiguous={tensor.is_contiguous()} on {tensor.device}")
         num_elements = tensor.numel()
         if num_elements == 0:
             return
-        if algorithm == "one-shot":
-            shape = launch_shape(num_elements, tensor.element_size(), max_blocks=self.max_blocks)
+        element_size = tensor.element_size()
+        vector = max(1, _VECTOR_BYTES // element_size)
+        slice_size = -(-(-(-num_elements // self.world_size)) // vector) * vector  # whole vectors per slice
+        if algorithm in ("one-shot", "two-shot"):
+            from mesh.dda_epoch_kernels import one_shot_kernel, two_shot_kernel
+
+            shape = launch_shape(1, element_size, max_blocks=1)  # block size of this dtype; the grid is fixed
+            grid = (self.max_blocks,)
+            half_elements = self.message_bytes // element_size
+            common = dict(WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
+            if algorithm == "one-shot":
+                one_shot_kernel[grid](tensor, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, num_elements,
+                                      half_elements, self.rank, **common)
+            else:
+                two_shot_kernel[grid](tensor, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, num_elements,
+                                      slice_size, half_elements, self.rank, **common)
+        elif algorithm == "one-shot-2b":
+            from mesh.dda_kernels import one_shot_all_reduce_kernel
+
+            shape = launch_shape(num_elements, element_size, max_blocks=self.max_blocks)
             one_shot_all_reduce_kernel[(shape.num_blocks,)](
                 tensor, self._buffer_ptrs, self._flag_ptrs, num_elements, self.rank,
                 WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
-        elif algorithm == "two-shot":
-            vector = max(1, _VECTOR_BYTES // tensor.element_size())
-            slice_size = -(-(-(-num_elements // self.world_size)) // vector) * vector  # whole vectors per slice
-            shape = launch_shape(slice_size, tensor.element_size(), max_blocks=self.max_blocks)
+        elif algorithm == "two-shot-2b":
+            from mesh.dda_kernels import two_shot_all_reduce_kernel
+
+            shape = launch_shape(slice_size, element_size, max_blocks=self.max_blocks)
             two_shot_all_reduce_kernel[(shape.num_blocks,)](
                 tensor, self._buffer_ptrs, self._flag_ptrs, num_elements, slice_size, self.rank,
                 WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
@@ -203,7 +237,7 @@ class DirectAccessGroup:
     @property
     def slot_bytes(self) -> int:
         """Bytes one source rank may send to one destination in an all-to-all."""
-        return self.buffer_bytes // self.world_size
+        return self.message_bytes // self.world_size
 
     def split_tensors(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int] | None,
                       input_split_sizes: list[int] | None) -> tuple[torch.Tensor, ...]:
@@ -220,9 +254,11 @@ class DirectAccessGroup:
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
                           output_split_sizes: list[int] | None = None, input_split_sizes: list[int] | None = None,
-                          *, split_tensors: tuple[torch.Tensor, ...] | None = None) -> None:
-        """As torch.distributed.all_to_all_single (module docstring)."""
-        from mesh.dda_kernels import all_to_all_kernel
+                          *, split_tensors: tuple[torch.Tensor, ...] | None = None, algorithm: str = "direct",
+                          ) -> None:
+        """As torch.distributed.all_to_all_single (module docstring). `algorithm` "direct-2b": the first kernel."""
+        from mesh.dda_epoch_kernels import all_to_all_kernel
+        from mesh.dda_kernels import all_to_all_kernel as all_to_all_kernel_2b
 
         if not (input.is_cuda and output.is_cuda and input.is_contiguous() and output.is_contiguous()
                 and input.dtype == output.dtype):
@@ -237,12 +273,22 @@ class DirectAccessGroup:
             split_tensors = self.split_tensors(output, input, output_split_sizes, input_split_sizes)
         send_offsets, send_sizes, recv_offsets, recv_sizes = split_tensors
         slot_elements = self.slot_bytes // input.element_size()
-        per_peer = max(1, max(input.numel(), output.numel()) // self.world_size)
-        shape = launch_shape(per_peer, input.element_size(), max_blocks=self.max_blocks)
-        all_to_all_kernel[(shape.num_blocks,)](
-            input, output, self._buffer_ptrs, self._flag_ptrs, send_offsets, send_sizes, recv_offsets, recv_sizes,
-            slot_elements, self.rank, WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS,
-            num_warps=shape.num_warps)
+        if algorithm == "direct":
+            shape = launch_shape(1, input.element_size(), max_blocks=1)  # block size of this dtype; grid fixed
+            all_to_all_kernel[(self.max_blocks,)](
+                input, output, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, send_offsets, send_sizes,
+                recv_offsets, recv_sizes, slot_elements, self.message_bytes // input.element_size(), self.rank,
+                WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
+        elif algorithm == "direct-2b":
+            per_peer = max(1, max(input.numel(), output.numel()) // self.world_size)
+            shape = launch_shape(per_peer, input.element_size(), max_blocks=self.max_blocks)
+            all_to_all_kernel_2b[(shape.num_blocks,)](
+                input, output, self._buffer_ptrs, self._flag_ptrs, send_offsets, send_sizes, recv_offsets,
+                recv_sizes, slot_elements, self.rank, WORLD=self.world_size, BLOCK=shape.block_elems,
+                MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
+        else:
+            raise ValueError(f"DirectAccessGroup.all_to_all_single: algorithm {algorithm!r} is not direct or "
+                             f"direct-2b")
 
 
 def _prefer_cuda_backend(symm_mem: Any, device: torch.device, group: Any) -> None:

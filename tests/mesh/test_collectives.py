@@ -103,9 +103,9 @@ MEASURED = CrossoverTable(one_shot_max_bytes=128 * KIB, two_shot_max_bytes=2 << 
     ({"one_shot_max_bytes": 32 * KIB}, (32 * KIB, 2 << 20, 1 << 20)),  # configured beats measured
     ({"one_shot_max_bytes": 0, "two_shot_max_bytes": 0}, (0, 0, 1 << 20)),
     ({"all_reduce": "nccl", "all_to_all": "nccl"}, (0, 0, 0)),
-    ({"all_reduce": "one-shot"}, (8 << 20, 8 << 20, 1 << 20)),  # forced: up to the buffer
-    ({"all_reduce": "two-shot", "all_to_all": "direct"}, (0, 8 << 20, 8 << 20)),
-    ({"buffer_bytes": 1 << 20}, (128 * KIB, 1 << 20, 1 << 20)),  # nothing larger than the buffer
+    ({"all_reduce": "one-shot"}, (4 << 20, 4 << 20, 1 << 20)),  # forced: up to half the buffer
+    ({"all_reduce": "two-shot", "all_to_all": "direct"}, (0, 4 << 20, 4 << 20)),
+    ({"buffer_bytes": 1 << 20}, (128 * KIB, 512 * KIB, 512 * KIB)),  # nothing larger than half the buffer
 ])
 def test_merge_of_configured_and_measured(settings, expected):
     table = merge_table(CollectivesConfig(**settings), MEASURED)
@@ -145,6 +145,7 @@ class RecordingDirectAccess:
 
     def __init__(self, buffer_bytes: int = 1 << 20) -> None:
         self.buffer_bytes = buffer_bytes
+        self.message_bytes = buffer_bytes
         self.world_size = 1
         self.calls: list[tuple] = []
 
@@ -165,7 +166,7 @@ def _fake_cuda(monkeypatch):
     """GroupCollectives asks input.is_cuda for the all-to-all; CPU tensors stand in here."""
     monkeypatch.setattr(coll.GroupCollectives, "all_to_all_algorithm",
                         lambda self, output, input: NCCL if self.dda is None or input.numel() * 4 >
-                        self.dda.buffer_bytes else self.table.all_to_all_algorithm(input.numel() * 4))
+                        self.dda.message_bytes else self.table.all_to_all_algorithm(input.numel() * 4))
 
 
 def test_calls_follow_the_table_and_fall_back(gloo_group, monkeypatch):

@@ -19,7 +19,7 @@ NUM_GPUS = 2
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # bytes at bf16; odd element counts check the masked tails and uneven two-shot slices
 SIZES = (4 << 10, (4 << 10) + 6, 16 << 10, 64 << 10, (200 << 10) + 30, 1 << 20, 16 << 20, 64 << 20)
-BUFFER_BYTES = 128 << 20  # 64 MiB of float32 at the largest size
+BUFFER_BYTES = 256 << 20  # two halves of 128 MiB: the largest size in float32
 
 
 def _random(num_elements: int, dtype: torch.dtype, seed: int, device: str) -> torch.Tensor:
@@ -27,11 +27,18 @@ def _random(num_elements: int, dtype: torch.dtype, seed: int, device: str) -> to
     return torch.randn(num_elements, generator=generator, device=device).to(dtype)
 
 
-def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict) -> None:
-    for dtype in DTYPES:
+def _drain(dda) -> None:
+    """Between the double-buffered kernels and the "-2b" ones (which ignore the halves): nothing in flight."""
+    torch.cuda.synchronize()
+    dist.barrier(group=dda.group)
+
+
+def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict, algorithms=("one-shot", "two-shot"),
+                            dtypes=DTYPES) -> None:
+    for dtype in dtypes:
         for size in SIZES:
             num_elements = size // 2
-            for algorithm in ("one-shot", "two-shot"):
+            for algorithm in algorithms:
                 data = _random(num_elements, dtype, seed=1000 * rank + size % 997, device=device)
                 expected = data.clone()
                 dist.all_reduce(expected)
@@ -42,11 +49,12 @@ def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict) -> None:
                 assert torch.equal(data, expected), (algorithm, dtype, num_elements, max_error)
 
 
-def _check_repeated_in_graph(dda, rank: int, device: str, report: dict) -> None:
+def _check_repeated_in_graph(dda, rank: int, device: str, report: dict,
+                             cases=(("one-shot", 8192), ("one-shot", 131072), ("two-shot", 131072 + 6),
+                                    ("two-shot", 1 << 20))) -> None:
     """100 calls per graph on different data each, 20 replays with fresh data: 2000 calls checked one by one."""
     num_calls, num_replays = 100, 20
-    for algorithm, num_elements in (("one-shot", 8192), ("one-shot", 131072), ("two-shot", 131072 + 6),
-                                    ("two-shot", 1 << 20)):
+    for algorithm, num_elements in cases:
         sources = torch.empty(num_calls, num_elements, device=device)
         buffers = torch.empty(num_calls, num_elements, dtype=torch.bfloat16, device=device)
         for i in range(2):  # warm-up outside the capture
@@ -73,20 +81,29 @@ def _check_repeated_in_graph(dda, rank: int, device: str, report: dict) -> None:
 
 
 def _check_repeated_eager(dda, rank: int, device: str, report: dict) -> None:
-    """2000 eager calls alternating the two algorithms on one tensor: each result checked."""
+    """2000 eager calls cycling through one-shot, two-shot and the all-to-all (they share the buffer halves and
+    the epochs): each result checked."""
     worst = 0.0
     for i in range(2000):
         data = _random(4096 + (i % 7) * 8, torch.float16, seed=rank * 100_003 + i, device=device)
+        if i % 3 == 2:
+            expected = torch.empty_like(data)
+            dist.all_to_all_single(expected, data)
+            out = torch.full_like(data, 3)
+            dda.all_to_all_single(out, data)
+            assert torch.equal(out, expected), i
+            continue
         expected = data.clone()
         dist.all_reduce(expected)
-        dda.all_reduce(data, "one-shot" if i % 2 else "two-shot")
+        dda.all_reduce(data, "one-shot" if i % 3 else "two-shot")
         worst = max(worst, (data.float() - expected.float()).abs().max().item())
         assert torch.equal(data, expected), (i, worst)
-    report["eager x2000 alternating"] = worst
+    report["eager x2000 cycling"] = worst
 
 
-def _check_all_to_all(dda, rank: int, device: str, report: dict) -> None:
-    for dtype in (torch.bfloat16, torch.float32, torch.int64):
+def _check_all_to_all(dda, rank: int, device: str, report: dict, algorithm: str = "direct",
+                      dtypes=(torch.bfloat16, torch.float32, torch.int64)) -> None:
+    for dtype in dtypes:
         for rows, hidden in ((8, 4096), (64, 4096), (256, 4096), (3, 7)):
             for uneven in (False, True):
                 if uneven:  # rank s sends rank d  rows + 2 s + d  rows
@@ -104,9 +121,9 @@ def _check_all_to_all(dda, rank: int, device: str, report: dict) -> None:
                 expected = torch.empty(num_recv, hidden, dtype=dtype, device=device)
                 dist.all_to_all_single(expected, data, recv_splits, send_splits)
                 out = torch.full_like(expected, 7)
-                dda.all_to_all_single(out, data, recv_splits, send_splits)
-                assert torch.equal(out, expected), (dtype, rows, hidden, uneven)
-                report[f"all_to_all {dtype} {rows}x{hidden} uneven={uneven}"] = 0.0
+                dda.all_to_all_single(out, data, recv_splits, send_splits, algorithm=algorithm)
+                assert torch.equal(out, expected), (algorithm, dtype, rows, hidden, uneven)
+                report[f"all_to_all {algorithm} {dtype} {rows}x{hidden} uneven={uneven}"] = 0.0
 
 
 def _check_install_and_comm(rank: int, device: str, report: dict) -> None:
@@ -147,11 +164,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     report: dict = {}
     try:
         dda = DirectAccessGroup.create(dist.group.WORLD, buffer_bytes=BUFFER_BYTES)
-        for check in (_check_all_reduce_sizes, _check_all_to_all, _check_repeated_eager, _check_repeated_in_graph):
+        first_kernels = (  # the "-2b" versions, measured beside the double-buffered ones
+            lambda *a: _check_all_reduce_sizes(*a, algorithms=("one-shot-2b", "two-shot-2b"),
+                                               dtypes=(torch.bfloat16,)),
+            lambda *a: _check_all_to_all(*a, algorithm="direct-2b", dtypes=(torch.bfloat16,)),
+            lambda *a: _check_repeated_in_graph(*a, cases=(("one-shot-2b", 8192), ("two-shot-2b", 131072))))
+        for check in (_check_all_reduce_sizes, _check_all_to_all, _check_repeated_eager, _check_repeated_in_graph,
+                      _drain, *first_kernels, _drain):
             started = time.perf_counter()
-            check(dda, rank, device, report)
+            check(dda, rank, device, report) if check is not _drain else _drain(dda)
             if rank == 0:  # progress, so a slow or stuck check shows which one it is
-                print(f"{check.__name__}: passed in {time.perf_counter() - started:.1f} s", flush=True)
+                print(f"{getattr(check, '__name__', 'check')}: passed in {time.perf_counter() - started:.1f} s",
+                      flush=True)
         _check_install_and_comm(rank, device, report)
         dist.barrier()
     finally:

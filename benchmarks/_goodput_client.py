@@ -23,10 +23,13 @@ async def _one(client: AsyncClient, plan, started: float) -> dict:
     sent = time.perf_counter()
     first = last = None
     num_tokens = 0
+    timings = {}
     code, message = "OK", ""
     try:
         async for chunk in client.generate(token_ids=list(token_ids), max_tokens=max_tokens, temperature=0.0,
                                            ignore_eos=True):
+            if chunk.is_last:
+                timings = dict(chunk.timings or {})  # the router's own figures: queue, prefill, KV transfer (ms)
             if chunk.token_ids:
                 now = time.perf_counter()
                 first = now if first is None else first
@@ -44,6 +47,7 @@ async def _one(client: AsyncClient, plan, started: float) -> dict:
         "ttft_ms": (first - planned) * 1e3 if first is not None else None,
         "tpot_ms": (last - first) * 1e3 / (num_tokens - 1) if num_tokens > 1 else None,
         "e2e_ms": ((last or time.perf_counter()) - planned) * 1e3,
+        "router": {k: timings[k] for k in ("queue_ms", "prefill_ms", "kv_transfer_ms") if k in timings},
     }
 
 

@@ -42,6 +42,10 @@ def rate_summary(rate_rps: float, run: dict, slo: Slo) -> dict:
     for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
         for q in (50, 90, 99):
             row[f"{name}_p{q}"] = percentile(values, q)
+    for part in ("queue_ms", "prefill_ms", "kv_transfer_ms"):  # where TTFT goes, as the router measured it
+        values = [r["router"][part] for r in completed if part in r.get("router", {})]
+        if values:
+            row[f"router_{part}_p50"] = percentile(values, 50)
     failures = sorted({f"{r['code']}: {r['message']}" for r in results if r["code"] != "OK"})
     if failures:
         row["failures"] = failures[:5]

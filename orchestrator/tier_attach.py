@@ -30,7 +30,7 @@ def attach_or_create(cls, config, *, out=sys.stderr):
               "this router", file=out, flush=True)
         try:
             deployment.add_replicas([config.decode] * config.decode.replicas
-                                    + [config.prefill] * config.prefill.replicas, out=out)
+                                    + [config.prefill] * _num_replicas(config, config.prefill), out=out)
         except BaseException:
             deployment.shutdown()
             raise
@@ -45,12 +45,17 @@ def attach_or_create(cls, config, *, out=sys.stderr):
     _take_over(deployment, handles, out)
     deployment.num_attached = len(handles)
     missing = [tier for tier in config.tiers()
-               for _ in range(max(0, tier.replicas - len(deployment.replicas(tier.name))))]
+               for _ in range(max(0, _num_replicas(config, tier) - len(deployment.replicas(tier.name))))]
     print(f"pdcluster: re-attached to {len(handles)} running replica(s) in Ray namespace {namespace!r}"
           + (f"; starting {len(missing)} more to match the file" if missing else ""), file=out, flush=True)
     if missing:
         deployment.add_replicas(missing, out=out)
     return deployment
+
+
+def _num_replicas(config, tier) -> int:
+    """Replicas the file asks for (mode: colocated deploys no prefill tier, as Deployment.start)."""
+    return 0 if tier.name == "prefill" and getattr(config, "is_colocated", False) else tier.replicas
 
 
 def _handle(deployment, replica_id: str, record: dict) -> ReplicaHandle:

@@ -280,9 +280,9 @@ class DirectAccessGroup:
                 recv_offsets, recv_sizes, slot_elements, self.message_bytes // input.element_size(), self.rank,
                 WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
         elif algorithm == "direct-2b":
-            per_peer = max(1, max(input.numel(), output.numel()) // self.world_size)
-            shape = launch_shape(per_peer, input.element_size(), max_blocks=self.max_blocks)
-            all_to_all_kernel_2b[(shape.num_blocks,)](
+            # a fixed grid: with uneven splits the ranks' tensor sizes differ, and every block must meet its peer
+            shape = launch_shape(1, input.element_size(), max_blocks=1)
+            all_to_all_kernel_2b[(self.max_blocks,)](
                 input, output, self._buffer_ptrs, self._flag_ptrs, send_offsets, send_sizes, recv_offsets,
                 recv_sizes, slot_elements, self.rank, WORLD=self.world_size, BLOCK=shape.block_elems,
                 MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)

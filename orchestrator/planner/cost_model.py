@@ -9,7 +9,11 @@ The model (docs/planner.md has the derivation and its limits):
   once per step whatever the batch).
 - Attention: prefill uses the ring-attention estimate of `mesh.cp_heuristic` (the same model the prefill tier
   uses to pick pass-KV or pass-Q; with cp = 1 it is plain causal attention at the measured flash rate); decode
-  attention is the KV cache read, counted in the step's bytes.
+  attention is its own roofline, max(KV bytes read / memory bandwidth, FLOPs / attention rate): it runs as
+  separate kernels after the projections, so its time adds to theirs rather than overlapping.
+- The element-wise kernels between the matrix products (norms, residual adds, rotary, the KV cache write,
+  SiLU * up) move their bytes over the memory bandwidth, and every kernel of a step costs a fixed
+  `kernel_latency_s` on top of its data time (launch, ramp-up, tail); these dominate small decode batches.
 - Each collective costs its latency plus its wire bytes over the measured bandwidth: all-reduce
   2(t-1)/t x payload over the bus bandwidth (nccl-tests' convention), all-gather (t-1)/t x output, a send its
   bytes over the point-to-point (or inter-node) rate. Volumes come from `orchestrator.planner.volumes`.
@@ -30,6 +34,10 @@ from orchestrator.planner.model_shape import ModelShape
 from orchestrator.planner.volumes import cp_local_tokens, kv_heads_per_rank
 
 MEMORY_UTILIZATION = 0.9  # share of device memory the engine may fill (CUDA context, NCCL and allocator slack)
+# Kernels one layer of a forward runs: qkv, rotary + cache write, attention (+ its split merge), o, add + norm,
+# gate/up, SiLU * up, down, add + norm: mesh/gpu_decoder.py's step as benchmarks/results/engine_speed_h200.json
+# measured it. Plus two per stage end (final norm, LM head) and the embedding lookup on the first stage.
+KERNELS_PER_LAYER = 10
 
 
 def mesh_problem(model: ModelShape, mesh: MeshShape) -> str | None:
@@ -133,6 +141,25 @@ def usable_memory_bytes(gpu: GpuSpec) -> float:
     return gpu.memory_bytes * MEMORY_UTILIZATION
 
 
+def glue_bytes_per_token_per_layer(model: ModelShape, mesh: MeshShape) -> float:
+    """Bytes the element-wise kernels of one layer move per token on one rank (what the matrix products and
+    attention do not already account for): two fused add + RMSNorm (read the residual and the input, write both:
+    4h each), rotary on q and k (read and write), the K/V write into the cache, SiLU(gate) * up (read 2I, write I);
+    the MLP's intermediate is per routed expert for MoE."""
+    tp, h = mesh.tp, model.hidden_size
+    q_local = model.q_size / tp
+    kv_local = kv_heads_per_rank(model, tp) * model.head_dim
+    experts = model.num_experts_per_token if model.is_moe else 1
+    mlp_local = model.intermediate_size * experts / tp  # ep = cp x tp: a cp shard's rows spread over its tp ranks
+    return model.dtype_bytes * (8 * h + 2 * (q_local + kv_local) + 2 * kv_local + 3 * mlp_local)
+
+
+def stage_kernel_s(gpu: GpuSpec, layers: int, *, is_first: bool, is_last: bool) -> float:
+    """Fixed kernel time of one stage's forward: KERNELS_PER_LAYER per layer, the embedding, final norm and head."""
+    kernels = KERNELS_PER_LAYER * layers + (1 if is_first else 0) + (2 if is_last else 0)
+    return kernels * gpu.kernel_latency_s
+
+
 # --- collectives --------------------------------------------------------------------------------------------------
 
 def all_reduce_s(gpu: GpuSpec, payload_bytes: float, num_ranks: int) -> float:
@@ -165,7 +192,7 @@ class PhaseTime:
     """Seconds of one forward pass, split by cause (each summed over the stages a token passes)."""
 
     linear_s: float  # roofline of the linear layers: max(compute, weight read) per stage
-    attention_s: float  # attention compute (prefill) or 0 (decode: the KV read is in linear_s's memory side)
+    attention_s: float  # attention: compute (prefill), max(KV read, compute) (decode)
     tp_comm_s: float
     cp_comm_s: float  # ring transfers that compute does not hide
     ep_comm_s: float
@@ -174,6 +201,8 @@ class PhaseTime:
     latency_s: float  # one batch through every stage
     bottleneck_stage_s: float  # a full pipeline admits a batch this often (= latency_s when pp = 1)
     memory_bound_s: float  # the bytes-over-bandwidth part alone, summed over stages (the decode floor)
+    glue_s: float = 0.0  # element-wise kernels' memory traffic (norms, residuals, rotary, cache write, SiLU)
+    kernel_s: float = 0.0  # fixed time of every kernel of the forward (kernel_latency_s each)
 
 
 def _crosses_node(mesh: MeshShape, gpu: GpuSpec) -> bool:
@@ -203,24 +232,31 @@ def _tp_comm_s(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, tokens: int,
 
 
 def prefill_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, num_tokens: int, num_cached: int = 0,
-                 overhead_s: float = 0.0) -> PhaseTime:
-    """One prompt of `num_tokens` new tokens (after `num_cached` cached ones) through the replica."""
+                 overhead_s: float = 0.0, cp_mode: str = "auto") -> PhaseTime:
+    """One prompt of `num_tokens` new tokens (after `num_cached` cached ones) through the replica. `cp_mode`: the
+    ring variant a CP step runs ("auto": the faster of the two, as the prefill tier picks it)."""
     if num_tokens < 1:
         raise ValueError(f"prefill_time: num_tokens must be >= 1, got {num_tokens}")
+    if cp_mode not in ("auto", "pass-kv", "pass-q"):
+        raise ValueError(f"prefill_time: cp_mode must be auto, pass-kv or pass-q, got {cp_mode!r}")
     tp, cp, e = mesh.tp, mesh.cp, model.dtype_bytes
     tokens = cp_local_tokens([num_tokens], cp)
     attention = estimate_cp_latency(
         num_tokens, num_cached, num_heads=model.num_heads // tp, num_kv_heads=kv_heads_per_rank(model, tp),
         head_dim=model.head_dim, cp_size=cp, peak_flops=gpu.attention_flops,
         bandwidth_bytes_per_s=gpu.p2p_bytes_per_s, dtype_bytes=e)
-    attention_layer_s = min(attention.pass_kv_s, attention.pass_q_s)
+    attention_layer_s = {"auto": min(attention.pass_kv_s, attention.pass_q_s), "pass-kv": attention.pass_kv_s,
+                         "pass-q": attention.pass_q_s}[cp_mode]
     attention_compute_layer_s = cp * attention.step_compute_s
     weights = stage_weight_bytes(model, mesh)
     counts = stage_layer_counts(model.num_layers, mesh.pp)
-    linear = att = tp_comm = cp_comm = ep_comm = memory_bound = 0.0
+    glue_per_token_layer = glue_bytes_per_token_per_layer(model, mesh)
+    linear = att = tp_comm = cp_comm = ep_comm = memory_bound = glue = fixed = 0.0
     stage_times = []
     for stage, (layers, stage_bytes) in enumerate(zip(counts, weights)):
         is_first, is_last = stage == 0, stage == mesh.pp - 1
+        stage_glue = tokens * layers * glue_per_token_layer / gpu.hbm_bytes_per_s
+        stage_fixed = stage_kernel_s(gpu, layers, is_first=is_first, is_last=is_last)
         flops = 2 * tokens * layers * model.active_linear_params_per_layer / tp
         if is_last:
             flops += 2 * model.vocab_size * model.hidden_size / tp  # the one returned row
@@ -235,9 +271,10 @@ def prefill_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, num_tokens
                               is_last=is_last)
         stage_cp += stage_tp_extra
         stage_ep = _ep_comm_s(model, mesh, gpu, tokens, layers)
-        stage_times.append(stage_linear + stage_att + stage_cp + stage_tp + stage_ep)
+        stage_times.append(stage_linear + stage_att + stage_cp + stage_tp + stage_ep + stage_glue + stage_fixed)
         linear, att, cp_comm, tp_comm, ep_comm = (linear + stage_linear, att + stage_att, cp_comm + stage_cp,
                                                   tp_comm + stage_tp, ep_comm + stage_ep)
+        glue, fixed = glue + stage_glue, fixed + stage_fixed
         memory_bound += memory_s
     handoff = send_s(gpu, tokens * model.hidden_size * e, crosses_node=_crosses_node(mesh, gpu)) if mesh.pp > 1 \
         else 0.0
@@ -246,7 +283,7 @@ def prefill_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, num_tokens
     return PhaseTime(linear_s=linear, attention_s=att, tp_comm_s=tp_comm, cp_comm_s=cp_comm, ep_comm_s=ep_comm,
                      pp_comm_s=pp_comm, overhead_s=overhead_s, latency_s=latency,
                      bottleneck_stage_s=max(stage_times) + handoff + overhead_s / mesh.pp,
-                     memory_bound_s=memory_bound)
+                     memory_bound_s=memory_bound, glue_s=glue, kernel_s=fixed)
 
 
 def _expert_share_read(model: ModelShape, num_tokens: int) -> float:
@@ -272,34 +309,43 @@ def decode_step_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, batch_
         experts_here = model.num_experts // mesh.ep if mesh.ep > 1 else model.num_experts / tp
         expert_bytes_per_layer = experts_here * model.mlp_params_per_expert * e
     kv_per_token_layer = 2 * kv_heads_per_rank(model, tp) * model.head_dim * e
-    linear = tp_comm = ep_comm = memory_bound = 0.0
+    glue_per_token_layer = glue_bytes_per_token_per_layer(model, mesh)
+    linear = att = tp_comm = ep_comm = memory_bound = glue = fixed = 0.0
     stage_times = []
     for stage, (layers, stage_bytes) in enumerate(zip(counts, weights)):
         is_first, is_last = stage == 0, stage == mesh.pp - 1
-        # The embedding table is only indexed (a few rows), never streamed.
-        read = stage_bytes - (model.vocab_size * model.hidden_size / tp * e if is_first else 0.0)
-        read -= layers * expert_bytes_per_layer * (1.0 - expert_share)
-        read += batch_size * context_len * layers * kv_per_token_layer
-        memory_s = read / gpu.hbm_bytes_per_s
+        # The embedding table is only indexed (a few rows), never streamed, unless it is also the LM head (tied, on
+        # one stage): then the head streams it.
+        is_head_too = is_last and model.tie_word_embeddings and mesh.pp == 1
+        weights_read = stage_bytes - (model.vocab_size * model.hidden_size / tp * e if is_first and not is_head_too
+                                      else 0.0)
+        weights_read -= layers * expert_bytes_per_layer * (1.0 - expert_share)
+        kv_read = batch_size * context_len * layers * kv_per_token_layer
+        memory_s = (weights_read + kv_read) / gpu.hbm_bytes_per_s
         flops = 2 * batch_size * layers * model.active_linear_params_per_layer / tp
         flops_att = 4 * model.head_dim * (model.num_heads // tp) * batch_size * context_len * layers
         if is_last:
             flops += 2 * batch_size * model.vocab_size * model.hidden_size / tp
-        stage_linear = max(flops / gpu.matmul_flops + flops_att / gpu.attention_flops, memory_s)
+        # Projections and attention are different kernels, one after the other: each its own roofline.
+        stage_linear = max(flops / gpu.matmul_flops, weights_read / gpu.hbm_bytes_per_s)
+        stage_att = max(flops_att / gpu.attention_flops, kv_read / gpu.hbm_bytes_per_s)
+        stage_glue = batch_size * layers * glue_per_token_layer / gpu.hbm_bytes_per_s
+        stage_fixed = stage_kernel_s(gpu, layers, is_first=is_first, is_last=is_last)
         stage_tp = _tp_comm_s(model, mesh, gpu, tokens=batch_size, rows=batch_size, layers=layers,
                               is_first=is_first, is_last=is_last)
         stage_ep = _ep_comm_s(model, mesh, gpu, batch_size, layers)
-        stage_times.append(stage_linear + stage_tp + stage_ep)
-        linear, tp_comm, ep_comm = linear + stage_linear, tp_comm + stage_tp, ep_comm + stage_ep
+        stage_times.append(stage_linear + stage_att + stage_glue + stage_fixed + stage_tp + stage_ep)
+        linear, att, tp_comm, ep_comm = linear + stage_linear, att + stage_att, tp_comm + stage_tp, ep_comm + stage_ep
+        glue, fixed = glue + stage_glue, fixed + stage_fixed
         memory_bound += memory_s
     handoff = send_s(gpu, batch_size * model.hidden_size * e, crosses_node=_crosses_node(mesh, gpu)) \
         if mesh.pp > 1 else 0.0
     pp_comm = (mesh.pp - 1) * handoff
     latency = sum(stage_times) + pp_comm + overhead_s
-    return PhaseTime(linear_s=linear, attention_s=0.0, tp_comm_s=tp_comm, cp_comm_s=0.0, ep_comm_s=ep_comm,
+    return PhaseTime(linear_s=linear, attention_s=att, tp_comm_s=tp_comm, cp_comm_s=0.0, ep_comm_s=ep_comm,
                      pp_comm_s=pp_comm, overhead_s=overhead_s, latency_s=latency,
                      bottleneck_stage_s=max(stage_times) + handoff + overhead_s / mesh.pp,
-                     memory_bound_s=memory_bound)
+                     memory_bound_s=memory_bound, glue_s=glue, kernel_s=fixed)
 
 
 # --- KV transfer between tiers ------------------------------------------------------------------------------------

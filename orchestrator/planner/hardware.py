@@ -43,6 +43,9 @@ class GpuSpec:
     host_link_bytes_per_s: float  # pinned host <-> device
     internode_bytes_per_s: float  # per GPU to another node (pipeline hand-offs that leave the node)
     gpus_per_node: int = 8  # size of the NVLink (or PCIe) domain: tensor parallelism stays inside it
+    # Fixed time of one GPU kernel run back to back with others (launch, ramp-up, tail), added to its data time;
+    # an engine step runs many small kernels, so at small batches this is a visible share of the step.
+    kernel_latency_s: float = 0.0
     accelerator_type: str | None = None  # Ray's accelerator_type resource name (None: do not constrain placement)
     is_gpu: bool = True
     source: str = ""  # where the figures come from: "measured ..." or "datasheet ... x efficiency"
@@ -53,17 +56,17 @@ class GpuSpec:
             raise HardwareError("name: must not be empty")
         if not isinstance(self.memory_bytes, int) or isinstance(self.memory_bytes, bool) or self.memory_bytes <= 0:
             raise HardwareError(f"{self.name}: memory_bytes must be a positive integer, got {self.memory_bytes!r}")
-        for field in RATE_FIELDS + ("collective_latency_s",):
+        for field in RATE_FIELDS + ("collective_latency_s", "kernel_latency_s"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise HardwareError(f"{self.name}: {field} must be a finite number, got {value!r}")
-            if value <= 0 and field != "collective_latency_s":
+            if value <= 0 and field not in ("collective_latency_s", "kernel_latency_s"):
                 raise HardwareError(f"{self.name}: {field} must be > 0 (a measured rate), got {value!r}")
             if value < 0:
                 raise HardwareError(f"{self.name}: {field} must be >= 0, got {value!r}")
         if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
             raise HardwareError(f"{self.name}: gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
-        unknown = set(self.measured) - set(RATE_FIELDS) - {"collective_latency_s", "memory_bytes"}
+        unknown = set(self.measured) - set(RATE_FIELDS) - {"collective_latency_s", "kernel_latency_s", "memory_bytes"}
         if unknown:
             raise HardwareError(f"{self.name}: measured names unknown fields {sorted(unknown)}")
 
@@ -88,10 +91,14 @@ H200 = GpuSpec(
     host_link_bytes_per_s=55e9,
     internode_bytes_per_s=40e9,  # assumed: one 400 Gb/s NIC per GPU at 80%; not measured here
     gpus_per_node=8,
+    # benchmarks/results/engine_speed_notes.md: an empty kernel in a CUDA graph 1.7 us, the small fused kernels of
+    # a decode layer (add + RMSNorm, rotary + cache write, SiLU * up) 1.9-2.3 us with almost no data.
+    kernel_latency_s=2e-6,
     accelerator_type="H200",
     source="measured on the project's 2 x H200 machine (2026-11-21); internode link assumed",
     measured=("memory_bytes", "matmul_flops", "attention_flops", "hbm_bytes_per_s", "p2p_bytes_per_s",
-              "allreduce_bus_bytes_per_s", "collective_latency_s", "kv_link_bytes_per_s", "host_link_bytes_per_s"),
+              "allreduce_bus_bytes_per_s", "collective_latency_s", "kv_link_bytes_per_s", "host_link_bytes_per_s",
+              "kernel_latency_s"),
 )
 
 # Measured / datasheet on the same H200: applied to the other GPUs' datasheet peaks.
@@ -120,6 +127,7 @@ def datasheet_gpu(*, name: str, memory_bytes: int, bf16_flops: float, hbm_bytes_
         p2p_bytes_per_s=link_bytes_per_s * e["p2p"],
         allreduce_bus_bytes_per_s=link_bytes_per_s * e["allreduce"],
         collective_latency_s=H200.collective_latency_s,
+        kernel_latency_s=H200.kernel_latency_s,
         kv_link_bytes_per_s=link_bytes_per_s * e["kv_link"],
         host_link_bytes_per_s=host_link_bytes_per_s * 0.8,
         internode_bytes_per_s=H200.internode_bytes_per_s,

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mesh.parallel import MeshShape
-from orchestrator.planner.cost_model import (all_gather_s, all_reduce_s, decode_step_time, kv_bytes_per_token_per_gpu,
+from orchestrator.planner.cost_model import (KERNELS_PER_LAYER, all_gather_s, all_reduce_s, decode_step_time,
+                                             glue_bytes_per_token_per_layer, kv_bytes_per_token_per_gpu,
                                              kv_transfer_time, layer_weight_bytes_per_gpu, prefill_time,
                                              stage_layer_counts, stage_weight_bytes, weight_bytes_per_gpu)
 from orchestrator.planner.hardware import H200
@@ -88,10 +89,18 @@ def test_decode_reads_weights_and_kv_prefill_computes():
     mesh = MeshShape()
     step = decode_step_time(llama, mesh, H200, batch_size=1, context_len=1)
     streamed = weight_bytes_per_gpu(llama, mesh) - llama.embedding_params * 2  # the embedding is only indexed
-    assert step.latency_s == pytest.approx(streamed / H200.hbm_bytes_per_s, rel=0.01)
+    kernels = (KERNELS_PER_LAYER * 32 + 3) * H200.kernel_latency_s  # + embedding, final norm, head
+    assert step.kernel_s == pytest.approx(kernels)
+    assert step.memory_bound_s == pytest.approx(streamed / H200.hbm_bytes_per_s, rel=0.01)
+    assert step.latency_s == pytest.approx(streamed / H200.hbm_bytes_per_s + kernels, rel=0.01)
     bigger = decode_step_time(llama, mesh, H200, batch_size=64, context_len=4096)
     kv_read = 64 * 4096 * llama.kv_bytes_per_token
-    assert bigger.latency_s == pytest.approx((streamed + kv_read) / H200.hbm_bytes_per_s, rel=0.02)
+    # Projections and attention are separate kernels: weights, then KV, each at the memory rate (both memory-bound
+    # at batch 64), plus the element-wise kernels' bytes and the fixed kernel time.
+    assert bigger.attention_s == pytest.approx(kv_read / H200.hbm_bytes_per_s)
+    glue = 64 * 32 * glue_bytes_per_token_per_layer(llama, mesh) / H200.hbm_bytes_per_s
+    assert bigger.glue_s == pytest.approx(glue)
+    assert bigger.latency_s == pytest.approx((streamed + kv_read) / H200.hbm_bytes_per_s + glue + kernels, rel=0.02)
     prefill = prefill_time(llama, mesh, H200, num_tokens=8192)
     linear_flops = 2 * 8192 * llama.num_layers * llama.active_linear_params_per_layer
     assert prefill.linear_s == pytest.approx(linear_flops / H200.matmul_flops, rel=0.02)
@@ -152,3 +161,42 @@ def test_kv_transfer_time_layerwise_hides_behind_the_prefill():
     assert after.exposed_s == after.total_s
     fast_prefill = kv_transfer_time(llama, num_tokens=4096, link_bytes_per_s=50e9, prefill_latency_s=0.0)
     assert math.isclose(fast_prefill.exposed_s, fast_prefill.total_s)
+
+
+def test_a_tied_head_streams_the_embedding_table_each_decode_step():
+    tied = ModelShape.from_preset("llama-3.2-1b")
+    assert tied.tie_word_embeddings
+    table = tied.vocab_size * tied.hidden_size * tied.dtype_bytes
+    one_stage = decode_step_time(tied, MeshShape(), H200, batch_size=1, context_len=1)
+    # Weights read = every weight once (the shared table as the head), not the layers alone.
+    assert one_stage.memory_bound_s * H200.hbm_bytes_per_s == pytest.approx(weight_bytes_per_gpu(tied, MeshShape()),
+                                                                          rel=1e-3)
+    assert one_stage.memory_bound_s * H200.hbm_bytes_per_s > table
+    # With stages, the first one only indexes its table and the last streams its own copy.
+    staged = decode_step_time(tied, MeshShape(pp=2), H200, batch_size=1, context_len=1)
+    first, last = stage_weight_bytes(tied, MeshShape(pp=2))
+    assert staged.memory_bound_s * H200.hbm_bytes_per_s == pytest.approx(first - table + last, rel=1e-3)
+
+
+def test_prefill_cp_mode_picks_the_ring_variant():
+    llama = ModelShape.from_preset("llama-3-8b")
+    mesh = MeshShape(cp=2)
+    few_new = dict(num_tokens=1024, num_cached=131072)
+    auto = prefill_time(llama, mesh, H200, **few_new)
+    kv = prefill_time(llama, mesh, H200, cp_mode="pass-kv", **few_new)
+    q = prefill_time(llama, mesh, H200, cp_mode="pass-q", **few_new)
+    assert auto.latency_s == pytest.approx(min(kv.latency_s, q.latency_s))
+    assert kv.latency_s != q.latency_s
+    with pytest.raises(ValueError, match="cp_mode"):
+        prefill_time(llama, mesh, H200, num_tokens=8, cp_mode="ring")
+
+
+def test_glue_and_kernel_time_are_part_of_prefill():
+    llama = ModelShape.from_preset("llama-3-8b")
+    prefill = prefill_time(llama, MeshShape(), H200, num_tokens=2048)
+    glue = 2048 * 32 * glue_bytes_per_token_per_layer(llama, MeshShape()) / H200.hbm_bytes_per_s
+    assert prefill.glue_s == pytest.approx(glue)
+    assert prefill.kernel_s == pytest.approx((KERNELS_PER_LAYER * 32 + 3) * H200.kernel_latency_s)
+    # Per token and layer: 8h of norms and residuals, rotary and the cache write, 3I of SiLU * up, in bf16.
+    assert glue_bytes_per_token_per_layer(llama, MeshShape()) == 2 * (8 * 4096 + 2 * (4096 + 1024) + 2 * 1024
+                                                                      + 3 * 14336)

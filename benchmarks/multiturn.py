@@ -15,6 +15,8 @@ least-loaded / prefix-aware TTFT ratio.
     python benchmarks/multiturn.py                                   # CPU, the tiny default model
     python benchmarks/multiturn.py --conversations 16 --turns 6
     python benchmarks/multiturn.py --preset llama-3-8b --dtype bfloat16 --gpus-per-replica 1 --ray-address auto
+    python benchmarks/multiturn.py --preset llama-3-8b --num-layers 8 --dtype bfloat16 --gpus-per-replica 0.5 \
+        --ray-address auto --first-tokens 2048 --user-tokens 128 --max-tokens 32   # 8B layer shape, 8 layers
 
 Prints the table and writes --out/multiturn.json (command line, machine, configuration, per-request records).
 """
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default=None,
                         help="model preset (random weights, written under --out) instead of the config's model")
     parser.add_argument("--dtype", default=None, help="model.dtype override (float32, bfloat16)")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="with --preset: keep the preset's layer shape but only this many layers (a bounded run)")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0,
                         help="> 0: every rank of both tiers asks Ray for this many GPUs (a GPU cluster)")
     parser.add_argument("--ray-address", default=None, help="ray.address (default: the config's; local Ray)")
@@ -78,20 +82,21 @@ def benchmark_config(args):
     config = load_config(args.config)
     model = config.model
     if args.preset:
-        model = dataclasses.replace(model, path=str(Path(args.out).resolve() / "models" / args.preset),
-                                    preset=args.preset, name=args.preset)
+        name = args.preset + (f"-{args.num_layers}layers" if args.num_layers else "")
+        model = dataclasses.replace(model, path=str(Path(args.out).resolve() / "models" / name),
+                                    preset=args.preset, name=name)
     if args.dtype:
         model = dataclasses.replace(model, dtype=args.dtype)
     prefill, decode = config.prefill, config.decode
     if args.gpus_per_replica > 0:
         gpu = {"num_cpus": 1.0, "num_gpus": args.gpus_per_replica}
         prefill = dataclasses.replace(prefill, resources=gpu)
-        decode = dataclasses.replace(decode, resources=gpu, num_kv_blocks=None)
+        decode = dataclasses.replace(decode, resources=gpu)
     longest = args.first_tokens + (args.turns - 1) * (args.max_tokens + args.user_tokens) + args.max_tokens
     blocks_per_conversation = -(-longest // decode.block_size)
-    if decode.num_kv_blocks is not None:
-        decode = dataclasses.replace(decode, num_kv_blocks=max(decode.num_kv_blocks,
-                                                               2 * args.conversations * blocks_per_conversation))
+    # A fixed pool (also on a GPU, which may be shared with a prefill replica): room for every conversation, twice.
+    decode = dataclasses.replace(decode, num_kv_blocks=max(decode.num_kv_blocks or 0,
+                                                           2 * args.conversations * blocks_per_conversation))
     prefill = dataclasses.replace(
         prefill, replicas=args.prefill_replicas, policy=args.policy_list[0],
         prefix_cache=dataclasses.replace(prefill.prefix_cache, max_tokens=args.cache_tokens,
@@ -210,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from mesh.config import ModelConfig
     from orchestrator.deploy import ensure_model
 
+    if args.preset and args.num_layers and not (Path(config.model.path) / "config.json").exists():
+        import torch
+
+        from mesh.presets import make_model
+
+        make_model(config.model.path, args.preset, seed=0, dtype=getattr(torch, config.model.dtype),
+                   overrides={"num_hidden_layers": args.num_layers})
     ensure_model(config, out=sys.stderr)
     model_config = ModelConfig.from_dir(config.model.path)
     if longest > model_config.max_position_embeddings:

@@ -75,6 +75,12 @@ def plan_apply(running: ClusterConfig, wanted: ClusterConfig, running_counts: di
         refusals.append(f"model changes ({running.model.path} [{running.model.dtype}] -> {wanted.model.path} "
                         f"[{wanted.model.dtype}]) need a new deployment: both tiers and the router's tokenizer must "
                         "use the same weights; start `pdcluster serve` with the new file")
+    if running.mode != wanted.mode:
+        # The router decides per request whether a prefill tier exists; switching modes under it would leave a tier
+        # it never uses (colocated -> disaggregated) or a router sending to a tier that is gone.
+        refusals.append(f"mode: {running.mode} -> {wanted.mode} changes how the router serves every request; "
+                        "restart `pdcluster serve` with the new file")
+        return ApplyPlan(actions=(), refusals=tuple(refusals))
     for section in ("router", "kv_transfer", "ray"):
         if getattr(running, section) != getattr(wanted, section):
             refusals.append(f"the {section} section changed; it belongs to the serving process: restart "

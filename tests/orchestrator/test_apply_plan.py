@@ -49,3 +49,12 @@ def test_mesh_change_is_a_replacement():
     plan = plan_apply(running, wanted)
     assert [(a.kind, a.tier) for a in plan.actions] == [("replace", "decode")]
     assert "mesh" in plan.actions[0].reason
+
+
+def test_refuses_a_mode_change_naming_the_key():
+    disaggregated = _config(1, 2)
+    colocated = parse_config({"model": {"path": "/models/m"}, "mode": "colocated", "decode": {"replicas": 2}})
+    for running, wanted in ((disaggregated, colocated), (colocated, disaggregated)):
+        plan = plan_apply(running, wanted)
+        assert not plan.ok and not plan.actions
+        assert len(plan.refusals) == 1 and plan.refusals[0].startswith(f"mode: {running.mode} -> {wanted.mode}")

@@ -94,12 +94,12 @@ def cp_scaling_rows(run1: dict, run2: dict, gpu: GpuSpec) -> list[Row]:
     rows = []
     for run in picked:
         mesh = _MESHES[run["config"].split()[0]]
-        t = prefill_time(model, mesh, gpu, num_tokens=run["new_tokens"], cp_mode="pass-kv")
+        t = prefill_time(model, mesh, gpu, num_tokens=run["new_tokens"], cp_mode="pass-kv", engine="eager")
         rows.append(Row(group="prefill, mesh engine (cp_scaling)", config=f"{run['config']} {run['new_tokens']} tok",
                         measured_s=run["seconds"], predicted_s=t.latency_s, detail=_detail(t)))
     for run in run2["partial"]:
         t = prefill_time(model, MeshShape(cp=2), gpu, num_tokens=run["new_tokens"], num_cached=run["cached_tokens"],
-                         cp_mode=run["mode"])
+                         cp_mode=run["mode"], engine="eager")
         rows.append(Row(group="partial prefill, CP2 (cp_scaling)",
                         config=f"{run['mode']} {run['new_tokens']} new + {run['cached_tokens']} cached",
                         measured_s=run["seconds"], predicted_s=t.latency_s, detail=_detail(t)))
@@ -122,7 +122,7 @@ def kv_transfer_rows(results: dict, gpu: GpuSpec) -> list[Row]:
                         measured_s=run["median_s"], predicted_s=t.total_s,
                         detail=f"{t.num_bytes / 2**30:.2f} GiB over {gpu.kv_link_bytes_per_s / 1e9:.0f} GB/s"))
     for run in results["ttft"]:
-        t = prefill_time(model, MeshShape(), gpu, num_tokens=run["num_tokens"])
+        t = prefill_time(model, MeshShape(), gpu, num_tokens=run["num_tokens"], engine="eager")
         for way in ("colocated", "ucx", "nccl"):
             if f"{way}_ttft_s" in run:
                 rows.append(Row(group="TTFT, 1 GPU prefill (kv_transfer)", config=f"{way} {run['num_tokens']} tok",

@@ -154,6 +154,34 @@ def glue_bytes_per_token_per_layer(model: ModelShape, mesh: MeshShape) -> float:
     return model.dtype_bytes * (8 * h + 2 * (q_local + kv_local) + 2 * kv_local + 3 * mlp_local)
 
 
+ENGINES = ("fused", "eager")
+
+
+def eager_glue_bytes_per_token_per_layer(model: ModelShape, mesh: MeshShape) -> float:
+    """The same element-wise work as mesh/decoder.py runs it eagerly (multi-rank meshes use that engine), counted
+    op by op from the code: RMSNorm upcasts to float32 and makes six passes (36h bytes in bf16), the residual adds
+    (3h elements each), rotary as slice-negate, concatenate, two multiplies and an add (10 passes over q and k),
+    the K/V cache write, GQA's K/V expanded to the query heads for SDPA and the per-sequence outputs concatenated,
+    SiLU(gate) then * up (5I)."""
+    tp, h, e = mesh.tp, model.hidden_size, model.dtype_bytes
+    q_local = model.q_size / tp
+    kv_local = kv_heads_per_rank(model, tp) * model.head_dim
+    experts = model.num_experts_per_token if model.is_moe else 1
+    mlp_local = model.intermediate_size * experts / tp
+    norm = 2 * ((e + 4) + 8 + 4 + 8 + (4 + e) + 2 * e) * h  # two RMSNorms, bytes
+    elements = 2 * 3 * h + 10 * (q_local + kv_local) + 2 * 2 * kv_local + 2 * (kv_local + q_local) + 2 * q_local \
+        + 5 * mlp_local
+    return norm + e * elements
+
+
+def _glue_bytes(model: ModelShape, mesh: MeshShape, engine: str) -> float:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "eager":
+        return eager_glue_bytes_per_token_per_layer(model, mesh)
+    return glue_bytes_per_token_per_layer(model, mesh)
+
+
 def stage_kernel_s(gpu: GpuSpec, layers: int, *, is_first: bool, is_last: bool) -> float:
     """Fixed kernel time of one stage's forward: KERNELS_PER_LAYER per layer, the embedding, final norm and head."""
     kernels = KERNELS_PER_LAYER * layers + (1 if is_first else 0) + (2 if is_last else 0)
@@ -232,9 +260,10 @@ def _tp_comm_s(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, tokens: int,
 
 
 def prefill_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, num_tokens: int, num_cached: int = 0,
-                 overhead_s: float = 0.0, cp_mode: str = "auto") -> PhaseTime:
+                 overhead_s: float = 0.0, cp_mode: str = "auto", engine: str = "fused") -> PhaseTime:
     """One prompt of `num_tokens` new tokens (after `num_cached` cached ones) through the replica. `cp_mode`: the
-    ring variant a CP step runs ("auto": the faster of the two, as the prefill tier picks it)."""
+    ring variant a CP step runs ("auto": the faster of the two, as the prefill tier picks it). `engine`: "fused"
+    (the GPU fast path's fused element-wise kernels) or "eager" (mesh/decoder.py op by op)."""
     if num_tokens < 1:
         raise ValueError(f"prefill_time: num_tokens must be >= 1, got {num_tokens}")
     if cp_mode not in ("auto", "pass-kv", "pass-q"):
@@ -250,7 +279,7 @@ def prefill_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, num_tokens
     attention_compute_layer_s = cp * attention.step_compute_s
     weights = stage_weight_bytes(model, mesh)
     counts = stage_layer_counts(model.num_layers, mesh.pp)
-    glue_per_token_layer = glue_bytes_per_token_per_layer(model, mesh)
+    glue_per_token_layer = _glue_bytes(model, mesh, engine)
     linear = att = tp_comm = cp_comm = ep_comm = memory_bound = glue = fixed = 0.0
     stage_times = []
     for stage, (layers, stage_bytes) in enumerate(zip(counts, weights)):
@@ -294,8 +323,9 @@ def _expert_share_read(model: ModelShape, num_tokens: int) -> float:
 
 
 def decode_step_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, batch_size: int, context_len: float,
-                     overhead_s: float = 0.0) -> PhaseTime:
-    """One decode step of `batch_size` sequences (one micro-batch when pp > 1) of mean context `context_len`."""
+                     overhead_s: float = 0.0, engine: str = "fused") -> PhaseTime:
+    """One decode step of `batch_size` sequences (one micro-batch when pp > 1) of mean context `context_len`;
+    `engine` as for prefill_time."""
     if batch_size < 1:
         raise ValueError(f"decode_step_time: batch_size must be >= 1, got {batch_size}")
     if mesh.cp != 1:
@@ -309,7 +339,7 @@ def decode_step_time(model: ModelShape, mesh: MeshShape, gpu: GpuSpec, *, batch_
         experts_here = model.num_experts // mesh.ep if mesh.ep > 1 else model.num_experts / tp
         expert_bytes_per_layer = experts_here * model.mlp_params_per_expert * e
     kv_per_token_layer = 2 * kv_heads_per_rank(model, tp) * model.head_dim * e
-    glue_per_token_layer = glue_bytes_per_token_per_layer(model, mesh)
+    glue_per_token_layer = _glue_bytes(model, mesh, engine)
     linear = att = tp_comm = ep_comm = memory_bound = glue = fixed = 0.0
     stage_times = []
     for stage, (layers, stage_bytes) in enumerate(zip(counts, weights)):

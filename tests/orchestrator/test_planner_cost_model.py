@@ -6,7 +6,8 @@ import pytest
 
 from mesh.parallel import MeshShape
 from orchestrator.planner.cost_model import (KERNELS_PER_LAYER, all_gather_s, all_reduce_s, decode_step_time,
-                                             glue_bytes_per_token_per_layer, kv_bytes_per_token_per_gpu,
+                                             eager_glue_bytes_per_token_per_layer, glue_bytes_per_token_per_layer,
+                                             kv_bytes_per_token_per_gpu,
                                              kv_transfer_time, layer_weight_bytes_per_gpu, prefill_time,
                                              stage_layer_counts, stage_weight_bytes, weight_bytes_per_gpu)
 from orchestrator.planner.hardware import H200
@@ -200,3 +201,19 @@ def test_glue_and_kernel_time_are_part_of_prefill():
     # Per token and layer: 8h of norms and residuals, rotary and the cache write, 3I of SiLU * up, in bf16.
     assert glue_bytes_per_token_per_layer(llama, MeshShape()) == 2 * (8 * 4096 + 2 * (4096 + 1024) + 2 * 1024
                                                                       + 3 * 14336)
+
+
+def test_the_eager_engine_moves_more_element_wise_bytes_than_the_fused_one():
+    llama = ModelShape.from_preset("llama-3-8b")
+    fused = glue_bytes_per_token_per_layer(llama, MeshShape())
+    eager = eager_glue_bytes_per_token_per_layer(llama, MeshShape())
+    # Two float32-upcasting RMSNorms (36h bytes each in bf16), residuals, 10 rotary passes over q and k, the cache
+    # write, GQA expansion and the output concatenation, SiLU then * up.
+    h, q, kv, i = 4096, 4096, 1024, 14336
+    assert eager == 2 * 36 * h + 2 * (6 * h + 10 * (q + kv) + 4 * kv + 2 * (kv + q) + 2 * q + 5 * i)
+    assert 3 < eager / fused < 4
+    slow = prefill_time(llama, MeshShape(), H200, num_tokens=4096, engine="eager")
+    fast = prefill_time(llama, MeshShape(), H200, num_tokens=4096)
+    assert slow.latency_s - fast.latency_s == pytest.approx(slow.glue_s - fast.glue_s)
+    with pytest.raises(ValueError, match="engine"):
+        decode_step_time(llama, MeshShape(), H200, batch_size=1, context_len=8, engine="compiled")

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="cluster.yaml to start from (default: the embedded one)")
     parser.add_argument("--preset", default=None,
                         help="model preset (random weights, written under --out) instead of the config's model")
+    parser.add_argument("--model-dir", default=None,
+                        help="an HF-format model directory to serve instead of the config's (e.g. one written by "
+                             "`python -m benchmarks._goodput_gpu make-model DIR`)")
     parser.add_argument("--dtype", default=None, help="model.dtype override (float32, bfloat16)")
     parser.add_argument("--num-layers", type=int, default=None,
                         help="with --preset: keep the preset's layer shape but only this many layers (a bounded run)")
@@ -85,6 +88,9 @@ def benchmark_config(args):
         name = args.preset + (f"-{args.num_layers}layers" if args.num_layers else "")
         model = dataclasses.replace(model, path=str(Path(args.out).resolve() / "models" / name),
                                     preset=args.preset, name=name)
+    if args.model_dir:
+        path = Path(args.model_dir).resolve()
+        model = dataclasses.replace(model, path=str(path), preset=None, name=path.name)
     if args.dtype:
         model = dataclasses.replace(model, dtype=args.dtype)
     prefill, decode = config.prefill, config.decode

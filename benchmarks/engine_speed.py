@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
                         help="fused decode for batches <= 8: measured against unfused (auto), forced on or off")
+    parser.add_argument("--pdl", choices=("auto", "on", "off"), default="auto",
+                        help="programmatic dependent launch of the Triton kernels: measured (auto), on or off")
     parser.add_argument("--breakdown-batches", type=ints, default=[1],
                         help="decode batches whose graph replay is profiled kernel by kernel")
     parser.add_argument("--device", default="cuda", help="cuda; cpu = dry run of the script on a tiny preset")
@@ -86,8 +88,9 @@ def decode_run(decoder: GpuDecoder, cache: list[torch.Tensor], batch: int, args:
     config = decoder.config
     blocks_per_seq = -(-(args.context + args.decode_steps + 8) // BLOCK_SIZE)
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
-    fused = {"auto": None, "on": True, "off": False}[args.fused]
-    graphs = DecodeGraphs(decoder, cache, max_num_seqs=batch, buckets=(batch,), fused=fused)
+    switch = {"auto": None, "on": True, "off": False}
+    graphs = DecodeGraphs(decoder, cache, max_num_seqs=batch, buckets=(batch,), fused=switch[args.fused],
+                          pdl=switch[args.pdl])
     capture_start = time.perf_counter()
     graphs.capture()  # batch <= 8: tunes the fused kernels and keeps the faster of fused / unfused
     capture_s = time.perf_counter() - capture_start
@@ -112,14 +115,15 @@ def decode_run(decoder: GpuDecoder, cache: list[torch.Tensor], batch: int, args:
     splits = graphs.num_splits[batch]
     choice = graphs.choices.get(batch, {})
     breakdown = kernel_breakdown(graphs, batch, graph_ms) if batch in args.breakdown_batches else None
-    is_fused = graphs.is_fused[batch]
+    is_fused, is_pdl = graphs.is_fused[batch], graphs.is_pdl[batch]
     del graphs
     return {"batch": batch, "context": args.context, "step_ms": step_ms, "graph_replay_ms": graph_ms,
             "floor_ms": floor_ms, "x_floor": step_ms / floor_ms, "graph_x_floor": graph_ms / floor_ms,
             "tokens_per_s": batch / (step_ms / 1e3), "weight_bytes": weight_bytes, "kv_bytes": kv_bytes,
             "num_splits": splits, "capture_s": capture_s, "is_fused": is_fused,
             "fused_replay_ms": choice.get("fused_ms"), "unfused_replay_ms": choice.get("plain_ms"),
-            "gemv": choice.get("gemv"), "fused_error": choice.get("error"), "kernels": breakdown}
+            "gemv": choice.get("gemv"), "variants_ms": choice.get("variants_ms"), "is_pdl": is_pdl,
+            "variant_errors": choice.get("errors"), "kernels": breakdown}
 
 
 _KERNEL_KINDS = (("_fused_gemv", "triton gemv"), ("_paged_decode", "paged attention"),
@@ -370,9 +374,12 @@ def tables(document: dict) -> None:
     gemv_rows, fused_rows, kernel_rows = [], [], []
     for model in document["models"]:
         for run in model["decode"]:
-            if run.get("fused_replay_ms") is not None:
-                fused_rows.append([model["model"], run["batch"], run["fused_replay_ms"], run["unfused_replay_ms"],
-                                   "fused" if run["is_fused"] else "unfused"])
+            variants = run.get("variants_ms") or {}
+            if variants:
+                fused_rows.append([model["model"], run["batch"]]
+                                  + [variants.get(k, math.nan) for k in ("fused+pdl", "fused", "unfused+pdl",
+                                                                          "unfused")]
+                                  + [("fused" if run["is_fused"] else "unfused") + ("+pdl" if run["is_pdl"] else "")])
             for row in run.get("gemv") or []:
                 gemv_rows.append([model["model"], run["batch"], row["projection"], f"{row['n']}x{row['k']}",
                                   row["cublas_us"], row["cublas_bytes_per_s"] / 1e12, row["plain_choice"],
@@ -384,8 +391,8 @@ def tables(document: dict) -> None:
             if "kinds" in kernels:
                 kernel_rows.append([model["model"], run["batch"], "(gaps: replay - kernels)", kernels["launches"],
                                     kernels["gaps_us"]])
-    print_table("decode step replay: fused projections vs unfused (ms, padded rows)",
-                ["model", "batch", "fused ms", "unfused ms", "kept"], fused_rows)
+    print_table("decode step replay by variant (ms, padded rows; pdl = programmatic dependent launch)",
+                ["model", "batch", "fused+pdl", "fused", "unfused+pdl", "unfused", "kept"], fused_rows)
     print_table("decode projections, one call, us (unfused step: best of cuBLAS and Triton tiles on the bare "
                 "product; fused step: best tile on the call with its norm/SiLU prologue and residual epilogue)",
                 ["model", "batch", "proj", "N x K", "cublas us", "cublas TB/s", "unfused pick", "us", "TB/s",

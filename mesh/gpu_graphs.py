@@ -17,6 +17,9 @@ What it promises:
   fused=True). With `fused=None` (default) capture() tunes the fused kernels' tiles (mesh.gpu_gemv_tuning),
   captures both variants, times their replays and keeps the faster (`choices[rows]` records the times); True or
   False forces one (eagerly, None means the unfused step).
+- The Triton kernels are launched with programmatic dependent launch (mesh.triton_pdl) where the GPU has it:
+  `pdl=None` (default) captures every bucket with and without and keeps the faster; True / False force it. A
+  variant that fails to tune or capture is skipped (its error kept in `choices[rows]["errors"]`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch
 
 from mesh.gpu_decoder import GpuDecoder
 from mesh.gpu_ops import is_fusable
+from mesh.triton_pdl import is_supported as pdl_supported
+from mesh.triton_pdl import pdl_launches
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _IO_INPUT_IDS, _IO_POSITIONS, _IO_SLOTS, _IO_SEQ_LENS = range(4)
@@ -51,7 +56,7 @@ def num_splits_for(batch_size: int, num_kv_heads: int, num_sms: int, max_splits:
 class DecodeGraphs:
     def __init__(self, decoder: GpuDecoder, kv_cache: Sequence[torch.Tensor], *, max_num_seqs: int,
                  max_model_len: int | None = None, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 use_graphs: bool | None = None, fused: bool | None = None) -> None:
+                 use_graphs: bool | None = None, fused: bool | None = None, pdl: bool | None = None) -> None:
         if len(kv_cache) != decoder.config.num_layers:
             raise ValueError(f"DecodeGraphs: kv_cache has {len(kv_cache)} layers, the model "
                              f"{decoder.config.num_layers}")
@@ -87,7 +92,9 @@ class DecodeGraphs:
         # rows -> runs the fused decode; capture() may revise the undecided (fused=None) ones by measurement.
         self.is_fused = {b: bool(fused) and can_fuse and is_fusable(b) for b in self.buckets}
         self._undecided = {b for b in self.buckets if fused is None and can_fuse and is_fusable(b)}
-        self.choices: dict[int, dict] = {}  # rows -> {"fused_ms", "plain_ms", "fused", "gemv": tuning report}
+        self.choices: dict[int, dict] = {}  # rows -> {"fused_ms", "plain_ms", "fused", "pdl", "variants_ms", "gemv"}
+        self.pdl = pdl
+        self.is_pdl = {b: pdl is not False and is_cuda and pdl_supported() for b in self.buckets}
         self._pad_rows(0, rows)
         self._io.copy_(self._host_io)
 
@@ -97,12 +104,14 @@ class DecodeGraphs:
                 return size
         raise ValueError(f"DecodeGraphs: {num_seqs} sequences, at most {self.max_num_seqs} (max_num_seqs)")
 
-    def _forward(self, rows: int, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, rows: int, fused: bool | None = None, pdl: bool | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         io = self._io
         fused = self.is_fused[rows] if fused is None else fused
-        return self.decoder.decode(io[_IO_INPUT_IDS, :rows], io[_IO_POSITIONS, :rows], io[_IO_SLOTS, :rows],
-                                   io[_IO_SEQ_LENS, :rows], self._tables[:rows], self.kv_cache,
-                                   self.num_splits[rows], fused=fused)
+        with pdl_launches(self.is_pdl[rows] if pdl is None else pdl):
+            return self.decoder.decode(io[_IO_INPUT_IDS, :rows], io[_IO_POSITIONS, :rows], io[_IO_SLOTS, :rows],
+                                       io[_IO_SEQ_LENS, :rows], self._tables[:rows], self.kv_cache,
+                                       self.num_splits[rows], fused=fused)
 
     def capture(self) -> None:
         """One graph per bucket, largest first so the smaller ones reuse its memory pool. Runs each bucket twice
@@ -115,38 +124,56 @@ class DecodeGraphs:
         self._io.copy_(self._host_io)
         pool = torch.cuda.graph_pool_handle()
         for rows in sorted(self.buckets, reverse=True):
-            if rows not in self._undecided:
-                self._graphs[rows] = self._capture_one(rows, self.is_fused[rows], pool)
+            pdl_options = [True, False] if self.pdl is None and self.is_pdl[rows] else [self.is_pdl[rows]]
+            if rows not in self._undecided and len(pdl_options) == 1:
+                self._graphs[rows] = self._capture_one(rows, self.is_fused[rows], self.is_pdl[rows], pool)
                 continue
-            from mesh.gpu_gemv_tuning import tune_decode_gemv
+            fused_options = [True, False] if rows in self._undecided else [self.is_fused[rows]]
+            variants, errors = {}, []
+            if True in fused_options:
+                from mesh.gpu_gemv_tuning import tune_decode_gemv
 
-            try:
-                gemv = tune_decode_gemv(self.decoder, rows)
-                fused_graph = self._capture_one(rows, True, pool)
-            except Exception as error:  # e.g. a kernel this GPU cannot compile: the unfused step still serves
-                self.is_fused[rows] = False
-                self._graphs[rows] = self._capture_one(rows, False, pool)
-                self.choices[rows] = {"fused": False, "error": f"{type(error).__name__}: {str(error)[:300]}"}
-                continue
-            variants = {True: fused_graph, False: self._capture_one(rows, False, pool)}
-            times = {fused: _replay_ms(graph) for fused, (graph, _, _) in variants.items()}
-            choice = times[True] < times[False]
-            self.is_fused[rows] = choice
-            self._graphs[rows] = variants[choice]
-            self.choices[rows] = {"fused": choice, "fused_ms": times[True], "plain_ms": times[False], "gemv": gemv}
-            del variants, fused_graph
+                try:
+                    with pdl_launches(pdl_options[0]):
+                        gemv = tune_decode_gemv(self.decoder, rows)
+                except Exception as error:  # e.g. a kernel this GPU cannot compile: the unfused step still serves
+                    errors.append(f"tuning: {type(error).__name__}: {str(error)[:300]}")
+                    fused_options = [False]
+            for fused in fused_options:
+                for pdl in pdl_options:
+                    try:
+                        graph = self._capture_one(rows, fused, pdl, pool)
+                    except Exception as error:
+                        if not fused and not pdl:
+                            raise  # the plain step itself failed: nothing to fall back to
+                        errors.append(f"fused={fused} pdl={pdl}: {type(error).__name__}: {str(error)[:300]}")
+                        continue
+                    variants[(fused, pdl)] = (graph, _replay_ms(graph[0]))
+            if not variants:
+                variants[(False, False)] = (graph := self._capture_one(rows, False, False, pool), _replay_ms(graph[0]))
+            (fused, pdl), (graph, _) = min(variants.items(), key=lambda item: item[1][1])
+            self.is_fused[rows], self.is_pdl[rows] = fused, pdl
+            self._graphs[rows] = graph
+            times = {f"{'fused' if f else 'unfused'}{'+pdl' if p else ''}": ms for (f, p), (_, ms) in variants.items()}
+            self.choices[rows] = {
+                "fused": fused, "pdl": pdl, "variants_ms": times, "errors": errors,
+                "fused_ms": min((ms for (f, _), (_, ms) in variants.items() if f), default=None),
+                "plain_ms": min((ms for (f, _), (_, ms) in variants.items() if not f), default=None),
+                "gemv": gemv if True in fused_options else None}
+            del variants
         torch.cuda.synchronize(self.device)
 
-    def _capture_one(self, rows: int, fused: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture_one(self, rows: int, fused: bool, pdl: bool,
+                     pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(rows, fused)
+                self._forward(rows, fused, pdl)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits, tokens = self._forward(rows, fused)
+            logits, tokens = self._forward(rows, fused, pdl)
         return graph, logits, tokens
 
     def step(self, request_ids: Sequence, input_ids: Sequence[int], positions: Sequence[int],

@@ -19,13 +19,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mesh.triton_gemv import GemvTile, fused_gemv
+from mesh.triton_pdl import is_enabled as pdl_enabled
+from mesh.triton_pdl import launch_options
 
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, out_ptr, eps, hidden_size,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden_size
@@ -47,7 +53,10 @@ def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, out_ptr, eps, hidden_size
 def _rope_store_kernel(qkv_ptr, positions_ptr, slots_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, cache_ptr,
                        qkv_row_stride, stride_block, stride_kv, stride_row,
                        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr, HAS_CACHE: tl.constexpr):
+                       BLOCK_SIZE: tl.constexpr, HAS_CACHE: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)  # 0..NUM_HEADS - 1: a query head; then the KV heads
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -92,7 +101,10 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, pa
                          scale, num_splits, table_row_stride, stride_block, stride_kv, stride_row,
                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         IS_SPLIT: tl.constexpr):
+                         IS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -143,7 +155,10 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, pa
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
-                         MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                         MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)  # seq * NUM_HEADS + head
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -160,7 +175,10 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
@@ -188,7 +206,8 @@ class TritonOps:
         block = triton.next_power_of_2(hidden_size)
         _add_rms_norm_kernel[(num_rows,)](h, delta if delta is not None else h, weight, out, eps, hidden_size,
                                           HAS_DELTA=delta is not None, BLOCK=block,
-                                          num_warps=max(1, min(16, block // 512)))
+                                          num_warps=max(1, min(16, block // 512)), USE_PDL=pdl_enabled(),
+                                          **launch_options())
         return out
 
     @staticmethod
@@ -206,7 +225,7 @@ class TritonOps:
         _rope_store_kernel[(num_tokens, num_heads + num_kv_heads)](
             qkv, positions, slots, cos, sin, q, k, target, qkv.stride(0), *strides,
             NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            HAS_CACHE=has_cache, num_warps=1)
+            HAS_CACHE=has_cache, num_warps=1, USE_PDL=pdl_enabled(), **launch_options())
         return q, k
 
     @staticmethod
@@ -229,10 +248,12 @@ class TritonOps:
             q, cache, block_tables, seq_lens, out, part_out, part_lse, scale, num_splits, block_tables.stride(0),
             cache.stride(0), cache.stride(1), cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-            BLOCK_N=block_n, BLOCK_SIZE=block_size, IS_SPLIT=is_split, num_warps=4, num_stages=2)
+            BLOCK_N=block_n, BLOCK_SIZE=block_size, IS_SPLIT=is_split, num_warps=4, num_stages=2,
+            USE_PDL=pdl_enabled(), **launch_options())
         if is_split:
             _merge_splits_kernel[(num_seqs * num_heads,)](part_out, part_lse, out, num_splits,
-                                                          MAX_SPLITS=MAX_SPLITS, HEAD_DIM=head_dim, num_warps=1)
+                                                          MAX_SPLITS=MAX_SPLITS, HEAD_DIM=head_dim, num_warps=1,
+                                                          USE_PDL=pdl_enabled(), **launch_options())
         return out
 
     @staticmethod
@@ -242,7 +263,8 @@ class TritonOps:
         out = torch.empty((num_rows, intermediate_size), dtype=gate_up.dtype, device=gate_up.device)
         block = 1024
         _silu_mul_kernel[(num_rows, triton.cdiv(intermediate_size, block))](gate_up, out, intermediate_size,
-                                                                           BLOCK=block, num_warps=4)
+                                                                           BLOCK=block, num_warps=4,
+                                                                           USE_PDL=pdl_enabled(), **launch_options())
         return out
 
 

@@ -14,7 +14,8 @@ the input row is recomputed per chunk from what the previous kernel left:
 - epilogue "residual": h += x @ W^T written in place, and each program adds its columns' squares of the new h
   into `sumsq_out` (float32 atomics), which the next norm prologue reads.
 Every rounding to the model dtype happens where the unfused path rounds, so results differ from it only in the
-order of float32 sums.
+order of float32 sums. Under programmatic dependent launch (mesh.triton_pdl) the first weight tile is loaded
+before waiting for the previous kernel.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mesh.gpu_ops import MAX_FUSED_ROWS, is_fusable
+from mesh.triton_pdl import is_enabled as pdl_enabled
+from mesh.triton_pdl import launch_options
 
 PROLOGUE_NONE, PROLOGUE_RMS_NORM, PROLOGUE_SILU_MUL = 0, 1, 2
 
@@ -70,10 +74,37 @@ def default_tile(rows: int) -> GemvTile:
 
 
 @triton.jit
+def _input_chunk(x_rows, ks, is_k, norm_w_ptr, inv_rms, silu_offset, PROLOGUE: tl.constexpr, EVEN_K: tl.constexpr):
+    """The [ROWS, BLOCK_K] input chunk at columns ks, its prologue applied (rounded where the unfused ops round)."""
+    if EVEN_K:
+        x = tl.load(x_rows + ks[None, :])
+    else:
+        x = tl.load(x_rows + ks[None, :], mask=is_k[None, :], other=0.0)
+    dtype = x.dtype
+    if PROLOGUE == 1:
+        normed = (x.to(tl.float32) * inv_rms[:, None]).to(dtype)
+        if EVEN_K:
+            nw = tl.load(norm_w_ptr + ks)
+        else:
+            nw = tl.load(norm_w_ptr + ks, mask=is_k, other=0.0)
+        x = (nw.to(tl.float32)[None, :] * normed.to(tl.float32)).to(dtype)
+    if PROLOGUE == 2:
+        if EVEN_K:
+            up = tl.load(x_rows + silu_offset + ks[None, :])
+        else:
+            up = tl.load(x_rows + silu_offset + ks[None, :], mask=is_k[None, :], other=0.0)
+        gate = x.to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+        x = (activated.to(tl.float32) * up.to(tl.float32)).to(dtype)
+    return x
+
+
+@triton.jit
 def _fused_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, sumsq_in_ptr, sumsq_out_ptr, eps,
                        N, K, x_row_stride, out_row_stride, silu_offset,
                        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROLOGUE: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     is_n = offs_n < N
@@ -82,34 +113,30 @@ def _fused_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, sumsq_in_ptr
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     x_rows = x_ptr + offs_r.to(tl.int64)[:, None] * x_row_stride
     dtype = w_ptr.dtype.element_ty
+    # The first weight tile is read-only data: issued before waiting for the kernel that wrote x (PDL).
+    is_k = offs_k < K
+    if EVEN_K:
+        w = tl.load(w_rows + offs_k[None, :], mask=is_n[:, None], other=0.0, eviction_policy="evict_first")
+    else:
+        w = tl.load(w_rows + offs_k[None, :], mask=is_n[:, None] & is_k[None, :], other=0.0,
+                    eviction_policy="evict_first")
+    if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
+        gdc_wait()
+        gdc_launch_dependents()
+    inv_rms = tl.zeros([ROWS], tl.float32)
     if PROLOGUE == 1:
-        inv_rms = tl.rsqrt(tl.load(sumsq_in_ptr + offs_r) / K + eps)  # [ROWS]
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+        inv_rms = tl.rsqrt(tl.load(sumsq_in_ptr + offs_r) / K + eps)
+    x = _input_chunk(x_rows, offs_k, is_k, norm_w_ptr, inv_rms, silu_offset, PROLOGUE, EVEN_K)
+    acc = w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]  # [ROWS, BLOCK_N, BLOCK_K]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + offs_k
+        is_k = ks < K
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], mask=is_n[:, None], other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :])
         else:
-            is_k = ks < K
             w = tl.load(w_rows + ks[None, :], mask=is_n[:, None] & is_k[None, :], other=0.0,
                         eviction_policy="evict_first")
-            x = tl.load(x_rows + ks[None, :], mask=is_k[None, :], other=0.0)
-        if PROLOGUE == 1:
-            normed = (x.to(tl.float32) * inv_rms[:, None]).to(dtype)
-            if EVEN_K:
-                nw = tl.load(norm_w_ptr + ks)
-            else:
-                nw = tl.load(norm_w_ptr + ks, mask=is_k, other=0.0)
-            x = (nw.to(tl.float32)[None, :] * normed.to(tl.float32)).to(dtype)
-        if PROLOGUE == 2:
-            if EVEN_K:
-                up = tl.load(x_rows + silu_offset + ks[None, :])
-            else:
-                up = tl.load(x_rows + silu_offset + ks[None, :], mask=is_k[None, :], other=0.0)
-            gate = x.to(tl.float32)
-            activated = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-            x = (activated.to(tl.float32) * up.to(tl.float32)).to(dtype)
+        x = _input_chunk(x_rows, ks, is_k, norm_w_ptr, inv_rms, silu_offset, PROLOGUE, EVEN_K)
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
     if HAS_BIAS:
@@ -155,5 +182,6 @@ def fused_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         x, weight, bias if bias is not None else dummy, out, norm_weight, sumsq_in, sumsq_out, eps,
         num_out, k, x.stride(0), out.stride(0), k,
         ROWS=rows, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PROLOGUE=prologue, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None, EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps)
+        RESIDUAL=residual is not None, EVEN_K=k % tile.block_k == 0, num_warps=tile.num_warps,
+        USE_PDL=pdl_enabled(), **launch_options())
     return out

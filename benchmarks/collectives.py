@@ -44,7 +44,8 @@ ALL_REDUCE_SIZES = tuple(4 * KIB << i for i in range(15))  # 4 KiB .. 64 MiB
 ALL_TO_ALL_SIZES = tuple(64 * KIB << i for i in range(7))  # 64 KiB .. 4 MiB
 QUICK_ALL_REDUCE_SIZES = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 << 20, 4 << 20, 16 << 20)
 QUICK_ALL_TO_ALL_SIZES = (64 * KIB, 512 * KIB, 4 << 20)
-TORCH_VIEWS_MAX_BYTES = 1 << 20  # the four-launch torch variant is only of interest at small sizes
+# "one-shot" is the low-latency kernel up to DirectAccessGroup.ll_max_bytes, "one-shot-barrier" above it
+ALL_REDUCE_ALGORITHMS = ("nccl", "one-shot", "one-shot-barrier", "two-shot")
 # Llama-3-8B, split over two ranks
 HIDDEN, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 4096, 32, 8, 128, 14336, 128256
 BLOCK_SIZE = 16
@@ -61,13 +62,11 @@ def sweep(dda, args) -> dict:
     rows = []
     for run in (1, 2):
         for size in ar_sizes:
-            for algorithm in ("nccl", "one-shot", "two-shot", "one-shot-2b", "two-shot-2b", "one-shot-torch"):
-                if algorithm == "one-shot-torch" and size > TORCH_VIEWS_MAX_BYTES:
-                    continue
+            for algorithm in ALL_REDUCE_ALGORITHMS:
                 us = time_all_reduce(dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_reduce", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
         for size in a2a_sizes:
-            for algorithm in ("nccl", "direct", "direct-2b"):
+            for algorithm in ("nccl", "direct"):
                 us = time_all_to_all(dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_to_all", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
     return {"rows": rows}
@@ -224,9 +223,7 @@ def _median_by(rows: list[dict], keys: tuple[str, ...], value: str) -> dict[tupl
 def report(document: dict) -> None:
     rows = document["sweep"]["rows"]
     by = _median_by(rows, ("op", "algorithm", "bytes"), "us")
-    for op, algorithms in (("all_reduce", ("nccl", "one-shot", "two-shot", "one-shot-2b", "two-shot-2b",
-                                           "one-shot-torch")),
-                           ("all_to_all", ("nccl", "direct", "direct-2b"))):
+    for op, algorithms in (("all_reduce", ALL_REDUCE_ALGORITHMS), ("all_to_all", ("nccl", "direct"))):
         sizes = sorted({r["bytes"] for r in rows if r["op"] == op})
         table = []
         for size in sizes:

@@ -8,14 +8,13 @@ collective over `group` (every rank calls it, in the same order as its other col
 is a collective too, called by every rank with the same shapes.
 
 What it promises:
-- `all_reduce(tensor, algorithm="one-shot" | "two-shot")`: sums `tensor` in place over the group; 16-bit inputs are
-  accumulated in float32 and rounded once; every rank ends with bit-identical values. `tensor` must be contiguous,
-  on this rank's GPU, and at most `buffer_bytes / 2` (`message_bytes`: calls alternate between two halves).
+- `all_reduce(tensor, algorithm)`: sums `tensor` in place over the group; 16-bit inputs are accumulated in float32
+  and rounded once; every rank ends with bit-identical values. `tensor` must be contiguous, on this rank's GPU, and
+  at most `buffer_bytes / 2` (`message_bytes`: calls alternate between two halves). Algorithms: "one-shot" (the
+  low-latency kernel, mesh/dda_ll_kernels.py, up to `ll_max_bytes` when the size is a multiple of 4 bytes; else
+  "one-shot-barrier"), "one-shot-barrier" and "two-shot" (mesh/dda_epoch_kernels.py).
 - `all_to_all_single(output, input, output_split_sizes, input_split_sizes)`: as torch.distributed's (splits in
   rows of dim 0; None = equal), each rank's share at most `message_bytes / world_size`.
-- The "-2b" algorithms (the first kernels, mesh/dda_kernels.py) and `all_reduce_torch_views` use the buffer without
-  the halves: they are for measurement only, and must not follow a double-buffered call of the group before a
-  device synchronisation and a group barrier.
 - No host synchronisation and fixed buffers: every call can be captured in a CUDA graph and replayed. The
   all-to-all's split sizes become device tensors; pass `split_tensors=` (int64 element offsets/sizes) to keep
   them fixed inside a graph.
@@ -35,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 MAX_WORLD_SIZE = 8  # ranks of one NVLink host; the one-shot reads grow with the world anyway
-MAX_BLOCKS = 128  # flag slots are reserved for this many blocks per phase
-NUM_PHASES = 3  # barriers per launch at most (two-shot: scattered, reduced, done)
-ALGORITHMS = ("one-shot", "two-shot", "one-shot-2b", "two-shot-2b")
+MAX_BLOCKS = 128  # flag slots and epoch counters are reserved for this many blocks
+NUM_PHASES = 2  # barriers per launch at most (two-shot: scattered, reduced)
+ALGORITHMS = ("one-shot", "one-shot-barrier", "two-shot")
 _VECTOR_BYTES = 16  # per thread per iteration: one 128-bit load
 
 
@@ -59,7 +58,7 @@ class LaunchShape:
 
 
 def num_flag_slots(world_size: int) -> int:
-    """int32 flags each rank holds for a group of `world_size` ranks (slot (phase, block, src))."""
+    """int64 epoch flags each rank holds for a group of `world_size` ranks (slot (phase, block, src))."""
     return NUM_PHASES * MAX_BLOCKS * world_size
 
 
@@ -98,37 +97,38 @@ def check_group_supports_direct_access(group: Any, device: torch.device) -> None
 class DirectAccessGroup:
     """Symmetric buffers, flags and launches for one process group. Create with `create` (collective)."""
 
-    def __init__(self, *, group: Any, rank: int, world_size: int, buffer_bytes: int, buffer: torch.Tensor,
-                 buffer_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, epoch_flag_ptrs: torch.Tensor,
-                 epochs: torch.Tensor, handles: tuple, max_blocks: int) -> None:
+    def __init__(self, *, group: Any, rank: int, world_size: int, buffer_bytes: int, ll_max_bytes: int,
+                 pointers: dict[str, torch.Tensor], epochs: torch.Tensor, keep_alive: tuple, max_blocks: int) -> None:
         self.group = group
         self.rank = rank
         self.world_size = world_size
         self.buffer_bytes = buffer_bytes
-        self.max_blocks = max_blocks
-        self._buffer = buffer  # kept alive: peers map it
-        self._buffer_ptrs = buffer_ptrs
-        self._flag_ptrs = flag_ptrs  # int32 mailboxes of the "-2b" kernels
-        self._epoch_flag_ptrs = epoch_flag_ptrs  # int64 epoch slots of the double-buffered kernels
+        self.ll_max_bytes = ll_max_bytes
+        self.max_blocks = max_blocks  # every launch runs this grid (the epochs count per block)
+        self._buffer_ptrs = pointers["buffer"]  # int64 [world]: each rank's buffer, mapped here
+        self._flag_ptrs = pointers["flags"]
+        self._ll_ptrs = pointers["ll"]
         self._epochs = epochs  # this rank's call counter per block (mesh/dda_epoch_kernels.py)
-        self._handles = handles
-        self._buffer_handle = handles[0]
+        self._keep_alive = keep_alive  # the symmetric tensors and handles: peers map them
         self._equal_splits: dict[tuple, tuple[torch.Tensor, ...]] = {}  # fixed device splits, reused by graphs
 
     @classmethod
-    def create(cls, group: Any, *, buffer_bytes: int = 8 << 20, max_blocks: int = MAX_BLOCKS) -> DirectAccessGroup:
-        """Collective over `group`: checks support, allocates `buffer_bytes` of symmetric memory (+ flags) on the
-        current CUDA device and exchanges the peer addresses once."""
-        if buffer_bytes < 4096 or buffer_bytes % 4096:
-            raise ValueError(f"DirectAccessGroup: buffer_bytes must be a positive multiple of 4096, got "
-                             f"{buffer_bytes}")
+    def create(cls, group: Any, *, buffer_bytes: int = 8 << 20, ll_max_bytes: int = 512 << 10,
+               max_blocks: int = MAX_BLOCKS) -> DirectAccessGroup:
+        """Collective over `group`: checks support, allocates `buffer_bytes` of symmetric memory, the low-latency
+        buffer (2 halves x world slots x 2 x `ll_max_bytes`) and the flags on the current CUDA device, and
+        exchanges the peer addresses once."""
+        for name, value in (("buffer_bytes", buffer_bytes), ("ll_max_bytes", ll_max_bytes)):
+            if value < 4096 or value % 4096:
+                raise ValueError(f"DirectAccessGroup: {name} must be a positive multiple of 4096, got {value}")
         if not 1 <= max_blocks <= MAX_BLOCKS:
             raise ValueError(f"DirectAccessGroup: max_blocks must be in [1, {MAX_BLOCKS}], got {max_blocks}")
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         check_group_supports_direct_access(group, device)
         try:
-            importlib.import_module("mesh.dda_kernels")  # Triton compiles the kernels at their first call
+            for module in ("mesh.dda_epoch_kernels", "mesh.dda_ll_kernels"):
+                importlib.import_module(module)  # Triton compiles the kernels at their first call
         except ImportError as error:
             raise DirectAccessUnavailable(f"Triton is not importable: {error}") from error
         try:
@@ -136,29 +136,26 @@ class DirectAccessGroup:
         except ImportError as error:
             raise DirectAccessUnavailable(f"torch has no symmetric memory: {error}") from error
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        ll_words = 2 * world_size * (ll_max_bytes // 4)  # two halves of one slot per source, 8 bytes per word
         try:
             _prefer_cuda_backend(symm_mem, device, group)
-            buffer = symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device)
-            flags = symm_mem.empty(num_flag_slots(world_size), dtype=torch.int32, device=device)
-            epoch_flags = symm_mem.empty(num_flag_slots(world_size), dtype=torch.int64, device=device)
-            flags.zero_()  # every slot empty before any peer can signal (the barrier below orders it)
-            epoch_flags.zero_()
+            tensors = {"buffer": symm_mem.empty(buffer_bytes, dtype=torch.uint8, device=device),
+                       "flags": symm_mem.empty(num_flag_slots(world_size), dtype=torch.int64, device=device),
+                       "ll": symm_mem.empty(ll_words, dtype=torch.int64, device=device)}
+            tensors["flags"].zero_()  # epoch 0 everywhere before any peer can signal (the barrier below orders it)
+            tensors["ll"].zero_()  # tag 0: no word looks sent
             torch.cuda.synchronize(device)
-            buffer_handle = symm_mem.rendezvous(buffer, group)
-            flag_handle = symm_mem.rendezvous(flags, group)
-            epoch_flag_handle = symm_mem.rendezvous(epoch_flags, group)
+            handles = {name: symm_mem.rendezvous(tensor, group) for name, tensor in tensors.items()}
         except (RuntimeError, AttributeError) as error:
             raise DirectAccessUnavailable(f"symmetric memory rendezvous failed: {error}") from error
-        buffer_ptrs = torch.tensor(list(buffer_handle.buffer_ptrs), dtype=torch.int64, device=device)
-        flag_ptrs = torch.tensor(list(flag_handle.buffer_ptrs), dtype=torch.int64, device=device)
-        epoch_flag_ptrs = torch.tensor(list(epoch_flag_handle.buffer_ptrs), dtype=torch.int64, device=device)
+        pointers = {name: torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+                    for name, handle in handles.items()}
         epochs = torch.zeros(MAX_BLOCKS, dtype=torch.int64, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # no rank signals before every rank zeroed its flags
-        return cls(group=group, rank=rank, world_size=world_size, buffer_bytes=buffer_bytes, buffer=buffer,
-                   buffer_ptrs=buffer_ptrs, flag_ptrs=flag_ptrs, epoch_flag_ptrs=epoch_flag_ptrs, epochs=epochs,
-                   handles=(buffer_handle, flag_handle, flags, epoch_flag_handle, epoch_flags),
-                   max_blocks=max_blocks)
+        return cls(group=group, rank=rank, world_size=world_size, buffer_bytes=buffer_bytes,
+                   ll_max_bytes=ll_max_bytes, pointers=pointers, epochs=epochs,
+                   keep_alive=(tensors, handles), max_blocks=max_blocks)
 
     # ---- all-reduce -------------------------------------------------------------------------------------------
 
@@ -173,9 +170,18 @@ class DirectAccessGroup:
                                                                                torch.float32)
                 and tensor.numel() * tensor.element_size() <= self.message_bytes)
 
+    def takes_low_latency(self, tensor: torch.Tensor) -> bool:
+        """"one-shot" runs the low-latency kernel for this tensor (whole 32-bit words, at most ll_max_bytes)."""
+        num_bytes = tensor.numel() * tensor.element_size()
+        return num_bytes <= self.ll_max_bytes and num_bytes % 4 == 0 and tensor.data_ptr() % 4 == 0
+
     def all_reduce(self, tensor: torch.Tensor, algorithm: str = "one-shot") -> None:
-        """Sums `tensor` in place over the group (module docstring). "one-shot-2b" / "two-shot-2b": the first
-        kernels (mesh/dda_kernels.py, a closing barrier per launch), kept to measure against."""
+        """Sums `tensor` in place over the group (module docstring)."""
+        from mesh.dda_epoch_kernels import one_shot_kernel, two_shot_kernel
+        from mesh.dda_ll_kernels import one_shot_ll_kernel
+
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"DirectAccessGroup.all_reduce: algorithm {algorithm!r} is not one of {ALGORITHMS}")
         if not self.supports(tensor):
             raise ValueError(f"DirectAccessGroup.all_reduce: needs a contiguous CUDA bf16/fp16/fp32 tensor of at "
                              f"most {self.message_bytes} bytes, got {tensor.dtype} {tuple(tensor.shape)} "
@@ -184,53 +190,24 @@ class DirectAccessGroup:
         if num_elements == 0:
             return
         element_size = tensor.element_size()
-        vector = max(1, _VECTOR_BYTES // element_size)
-        slice_size = -(-(-(-num_elements // self.world_size)) // vector) * vector  # whole vectors per slice
-        if algorithm in ("one-shot", "two-shot"):
-            from mesh.dda_epoch_kernels import one_shot_kernel, two_shot_kernel
-
-            shape = launch_shape(1, element_size, max_blocks=1)  # block size of this dtype; the grid is fixed
-            grid = (self.max_blocks,)
-            half_elements = self.message_bytes // element_size
-            common = dict(WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
-            if algorithm == "one-shot":
-                one_shot_kernel[grid](tensor, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, num_elements,
-                                      half_elements, self.rank, **common)
-            else:
-                two_shot_kernel[grid](tensor, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, num_elements,
-                                      slice_size, half_elements, self.rank, **common)
-        elif algorithm == "one-shot-2b":
-            from mesh.dda_kernels import one_shot_all_reduce_kernel
-
-            shape = launch_shape(num_elements, element_size, max_blocks=self.max_blocks)
-            one_shot_all_reduce_kernel[(shape.num_blocks,)](
-                tensor, self._buffer_ptrs, self._flag_ptrs, num_elements, self.rank,
-                WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
-        elif algorithm == "two-shot-2b":
-            from mesh.dda_kernels import two_shot_all_reduce_kernel
-
-            shape = launch_shape(slice_size, element_size, max_blocks=self.max_blocks)
-            two_shot_all_reduce_kernel[(shape.num_blocks,)](
-                tensor, self._buffer_ptrs, self._flag_ptrs, num_elements, slice_size, self.rank,
-                WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
+        shape = launch_shape(1, element_size, max_blocks=1)  # the block size of this dtype; the grid is fixed
+        grid = (self.max_blocks,)
+        if algorithm == "one-shot" and self.takes_low_latency(tensor):
+            words = num_elements * element_size // 4
+            one_shot_ll_kernel[grid](tensor, self._ll_ptrs, self._epochs, words, self.ll_max_bytes // 4, self.rank,
+                                     WORLD=self.world_size, BLOCK=shape.num_warps * 32 * 2,
+                                     IS_16BIT=element_size == 2, num_warps=shape.num_warps)
+            return
+        common = dict(WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
+        half_elements = self.message_bytes // element_size
+        if algorithm == "two-shot":
+            vector = max(1, _VECTOR_BYTES // element_size)
+            slice_size = -(-(-(-num_elements // self.world_size)) // vector) * vector  # whole vectors per slice
+            two_shot_kernel[grid](tensor, self._buffer_ptrs, self._flag_ptrs, self._epochs, num_elements,
+                                  slice_size, half_elements, self.rank, **common)
         else:
-            raise ValueError(f"DirectAccessGroup.all_reduce: algorithm {algorithm!r} is not one of {ALGORITHMS}")
-
-    def all_reduce_torch_views(self, tensor: torch.Tensor) -> None:
-        """The one-shot algorithm in torch ops on peer-buffer views with symmetric memory's own barrier (four
-        launches instead of one). Kept to measure against the fused kernel (benchmarks/collectives.py)."""
-        num_bytes = tensor.numel() * tensor.element_size()
-        if not self.supports(tensor):
-            raise ValueError(f"all_reduce_torch_views: tensor of {num_bytes} bytes does not fit the buffer")
-        handle = self._buffer_handle
-        views = [handle.get_buffer(peer, (tensor.numel(),), tensor.dtype) for peer in range(self.world_size)]
-        views[self.rank].copy_(tensor.view(-1))
-        handle.barrier(channel=0)
-        total = views[0].float()
-        for view in views[1:]:
-            total += view.float()
-        tensor.view(-1).copy_(total)
-        handle.barrier(channel=1)
+            one_shot_kernel[grid](tensor, self._buffer_ptrs, self._flag_ptrs, self._epochs, num_elements,
+                                  half_elements, self.rank, **common)
 
     # ---- all-to-all -------------------------------------------------------------------------------------------
 
@@ -248,17 +225,15 @@ class DirectAccessGroup:
         largest = max(max(send[1]), max(recv[1])) * input.element_size()
         if largest > self.slot_bytes:
             raise ValueError(f"DirectAccessGroup.all_to_all_single: a {largest}-byte share exceeds the "
-                             f"{self.slot_bytes}-byte slot of each source (buffer_bytes / world_size)")
+                             f"{self.slot_bytes}-byte slot of each source (message_bytes / world_size)")
         host = torch.tensor([*send[0], *send[1], *recv[0], *recv[1]], dtype=torch.int64)
         return tuple(host.to(input.device, non_blocking=False).view(4, self.world_size).unbind(0))
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
                           output_split_sizes: list[int] | None = None, input_split_sizes: list[int] | None = None,
-                          *, split_tensors: tuple[torch.Tensor, ...] | None = None, algorithm: str = "direct",
-                          ) -> None:
-        """As torch.distributed.all_to_all_single (module docstring). `algorithm` "direct-2b": the first kernel."""
+                          *, split_tensors: tuple[torch.Tensor, ...] | None = None) -> None:
+        """As torch.distributed.all_to_all_single (module docstring)."""
         from mesh.dda_epoch_kernels import all_to_all_kernel
-        from mesh.dda_kernels import all_to_all_kernel as all_to_all_kernel_2b
 
         if not (input.is_cuda and output.is_cuda and input.is_contiguous() and output.is_contiguous()
                 and input.dtype == output.dtype):
@@ -272,23 +247,12 @@ class DirectAccessGroup:
         elif split_tensors is None:
             split_tensors = self.split_tensors(output, input, output_split_sizes, input_split_sizes)
         send_offsets, send_sizes, recv_offsets, recv_sizes = split_tensors
-        slot_elements = self.slot_bytes // input.element_size()
-        if algorithm == "direct":
-            shape = launch_shape(1, input.element_size(), max_blocks=1)  # block size of this dtype; grid fixed
-            all_to_all_kernel[(self.max_blocks,)](
-                input, output, self._buffer_ptrs, self._epoch_flag_ptrs, self._epochs, send_offsets, send_sizes,
-                recv_offsets, recv_sizes, slot_elements, self.message_bytes // input.element_size(), self.rank,
-                WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
-        elif algorithm == "direct-2b":
-            # a fixed grid: with uneven splits the ranks' tensor sizes differ, and every block must meet its peer
-            shape = launch_shape(1, input.element_size(), max_blocks=1)
-            all_to_all_kernel_2b[(self.max_blocks,)](
-                input, output, self._buffer_ptrs, self._flag_ptrs, send_offsets, send_sizes, recv_offsets,
-                recv_sizes, slot_elements, self.rank, WORLD=self.world_size, BLOCK=shape.block_elems,
-                MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
-        else:
-            raise ValueError(f"DirectAccessGroup.all_to_all_single: algorithm {algorithm!r} is not direct or "
-                             f"direct-2b")
+        element_size = input.element_size()
+        shape = launch_shape(1, element_size, max_blocks=1)  # the block size of this dtype; the grid is fixed
+        all_to_all_kernel[(self.max_blocks,)](
+            input, output, self._buffer_ptrs, self._flag_ptrs, self._epochs, send_offsets, send_sizes, recv_offsets,
+            recv_sizes, self.slot_bytes // element_size, self.message_bytes // element_size, self.rank,
+            WORLD=self.world_size, BLOCK=shape.block_elems, MAX_B=MAX_BLOCKS, num_warps=shape.num_warps)
 
 
 def _prefer_cuda_backend(symm_mem: Any, device: torch.device, group: Any) -> None:

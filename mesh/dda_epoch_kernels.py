@@ -1,7 +1,8 @@
 """Triton kernels of the direct-access collectives with one barrier fewer per launch: double-buffered, epoch flags.
 
-Who calls it: `mesh.dda.DirectAccessGroup` (algorithms "one-shot", "two-shot", "direct"); mesh/dda_kernels.py
-holds the first versions (a barrier at the end of every launch), kept as "*-2b" to measure against.
+Who calls it: `mesh.dda.DirectAccessGroup` (algorithms "one-shot-barrier", "two-shot", and the all-to-all). The first
+versions closed every launch with a second barrier ("*-2b" in benchmarks/results/collectives_h200x2_run1.json,
+code at commit f13938a); these measured the same or faster, so they replaced them.
 
 Why a launch can skip its closing barrier: every launch of a group runs the same fixed grid, and block b keeps
 a call counter `epochs[b]` in ordinary device memory (read at the start, written back at the end; both ranks count

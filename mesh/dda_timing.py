@@ -21,7 +21,7 @@ _ROTATION_BYTES = 256 << 20  # at most this much input memory per timing
 
 
 def _graph_time_us(run_call: Callable[[int], None], *, calls: int, replays: int, group: Any) -> float:
-    torch.cuda.synchronize()  # nothing of the previous timing in flight (the "-2b" kernels ignore the halves)
+    torch.cuda.synchronize()  # nothing of the previous timing in flight: each starts from a quiet group
     dist.barrier(group=group)
     for i in range(2):  # compiles kernels, creates NCCL's communicator: outside the capture
         run_call(i)
@@ -55,16 +55,13 @@ def _inputs(num_bytes: int, dtype: torch.dtype, calls: int, world_size: int) -> 
 
 def time_all_reduce(dda: Any, algorithm: str, num_bytes: int, *, dtype: torch.dtype = torch.bfloat16,
                     calls: int = 20, replays: int = 5) -> float:
-    """Microseconds per all-reduce of `num_bytes`: `algorithm` "nccl", any of mesh.dda.ALGORITHMS, or
-    "one-shot-torch" (the torch-ops variant on peer views)."""
+    """Microseconds per all-reduce of `num_bytes`: `algorithm` "nccl" or any of mesh.dda.ALGORITHMS."""
     tensors = _inputs(num_bytes, dtype, calls, dda.world_size)
 
     def run_call(i: int) -> None:
         tensor = tensors[i % len(tensors)]
         if algorithm == "nccl":
             dist.all_reduce(tensor, group=dda.group)
-        elif algorithm == "one-shot-torch":
-            dda.all_reduce_torch_views(tensor)
         else:
             dda.all_reduce(tensor, algorithm)
 
@@ -73,8 +70,7 @@ def time_all_reduce(dda: Any, algorithm: str, num_bytes: int, *, dtype: torch.dt
 
 def time_all_to_all(dda: Any, algorithm: str, num_bytes: int, *, dtype: torch.dtype = torch.bfloat16,
                     calls: int = 20, replays: int = 5) -> float:
-    """Microseconds per equal-split all-to-all whose input is `num_bytes` per rank: "nccl", "direct" or
-    "direct-2b"."""
+    """Microseconds per equal-split all-to-all whose input is `num_bytes` per rank: "nccl" or "direct"."""
     inputs = _inputs(num_bytes, dtype, calls, dda.world_size)
     outputs = [torch.empty_like(t) for t in inputs]
 
@@ -83,6 +79,6 @@ def time_all_to_all(dda: Any, algorithm: str, num_bytes: int, *, dtype: torch.dt
         if algorithm == "nccl":
             dist.all_to_all_single(outputs[k], inputs[k], group=dda.group)
         else:
-            dda.all_to_all_single(outputs[k], inputs[k], algorithm=algorithm)
+            dda.all_to_all_single(outputs[k], inputs[k])
 
     return _graph_time_us(run_call, calls=calls, replays=replays, group=dda.group)

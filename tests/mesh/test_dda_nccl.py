@@ -27,14 +27,8 @@ def _random(num_elements: int, dtype: torch.dtype, seed: int, device: str) -> to
     return torch.randn(num_elements, generator=generator, device=device).to(dtype)
 
 
-def _drain(dda) -> None:
-    """Between the double-buffered kernels and the "-2b" ones (which ignore the halves): nothing in flight."""
-    torch.cuda.synchronize()
-    dist.barrier(group=dda.group)
-
-
-def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict, algorithms=("one-shot", "two-shot"),
-                            dtypes=DTYPES) -> None:
+def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict,
+                            algorithms=("one-shot", "one-shot-barrier", "two-shot"), dtypes=DTYPES) -> None:
     for dtype in dtypes:
         for size in SIZES:
             num_elements = size // 2
@@ -50,8 +44,8 @@ def _check_all_reduce_sizes(dda, rank: int, device: str, report: dict, algorithm
 
 
 def _check_repeated_in_graph(dda, rank: int, device: str, report: dict,
-                             cases=(("one-shot", 8192), ("one-shot", 131072), ("two-shot", 131072 + 6),
-                                    ("two-shot", 1 << 20))) -> None:
+                             cases=(("one-shot", 8192), ("one-shot", 131072), ("one-shot-barrier", 131072),
+                                    ("two-shot", 131072 + 6), ("two-shot", 1 << 20))) -> None:
     """100 calls per graph on different data each, 20 replays with fresh data: 2000 calls checked one by one."""
     num_calls, num_replays = 100, 20
     for algorithm, num_elements in cases:
@@ -81,12 +75,13 @@ def _check_repeated_in_graph(dda, rank: int, device: str, report: dict,
 
 
 def _check_repeated_eager(dda, rank: int, device: str, report: dict) -> None:
-    """2000 eager calls cycling through one-shot, two-shot and the all-to-all (they share the buffer halves and
-    the epochs): each result checked."""
+    """2000 eager calls cycling through the low-latency one-shot, the barrier one-shot, two-shot and the all-to-all
+    (they share the buffer halves and the epochs): each result checked."""
     worst = 0.0
+    algorithms = ("one-shot", "two-shot", "one-shot-barrier")
     for i in range(2000):
         data = _random(4096 + (i % 7) * 8, torch.float16, seed=rank * 100_003 + i, device=device)
-        if i % 3 == 2:
+        if i % 4 == 3:
             expected = torch.empty_like(data)
             dist.all_to_all_single(expected, data)
             out = torch.full_like(data, 3)
@@ -95,13 +90,13 @@ def _check_repeated_eager(dda, rank: int, device: str, report: dict) -> None:
             continue
         expected = data.clone()
         dist.all_reduce(expected)
-        dda.all_reduce(data, "one-shot" if i % 3 else "two-shot")
+        dda.all_reduce(data, algorithms[i % 4])
         worst = max(worst, (data.float() - expected.float()).abs().max().item())
         assert torch.equal(data, expected), (i, worst)
     report["eager x2000 cycling"] = worst
 
 
-def _check_all_to_all(dda, rank: int, device: str, report: dict, algorithm: str = "direct",
+def _check_all_to_all(dda, rank: int, device: str, report: dict,
                       dtypes=(torch.bfloat16, torch.float32, torch.int64)) -> None:
     for dtype in dtypes:
         for rows, hidden in ((8, 4096), (64, 4096), (256, 4096), (3, 7)):
@@ -121,9 +116,9 @@ def _check_all_to_all(dda, rank: int, device: str, report: dict, algorithm: str 
                 expected = torch.empty(num_recv, hidden, dtype=dtype, device=device)
                 dist.all_to_all_single(expected, data, recv_splits, send_splits)
                 out = torch.full_like(expected, 7)
-                dda.all_to_all_single(out, data, recv_splits, send_splits, algorithm=algorithm)
-                assert torch.equal(out, expected), (algorithm, dtype, rows, hidden, uneven)
-                report[f"all_to_all {algorithm} {dtype} {rows}x{hidden} uneven={uneven}"] = 0.0
+                dda.all_to_all_single(out, data, recv_splits, send_splits)
+                assert torch.equal(out, expected), (dtype, rows, hidden, uneven)
+                report[f"all_to_all {dtype} {rows}x{hidden} uneven={uneven}"] = 0.0
 
 
 def _check_install_and_comm(rank: int, device: str, report: dict) -> None:
@@ -164,18 +159,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     report: dict = {}
     try:
         dda = DirectAccessGroup.create(dist.group.WORLD, buffer_bytes=BUFFER_BYTES)
-        first_kernels = (  # the "-2b" versions, measured beside the double-buffered ones
-            lambda *a: _check_all_reduce_sizes(*a, algorithms=("one-shot-2b", "two-shot-2b"),
-                                               dtypes=(torch.bfloat16,)),
-            lambda *a: _check_all_to_all(*a, algorithm="direct-2b", dtypes=(torch.bfloat16,)),
-            lambda *a: _check_repeated_in_graph(*a, cases=(("one-shot-2b", 8192), ("two-shot-2b", 131072))))
-        for check in (_check_all_reduce_sizes, _check_all_to_all, _check_repeated_eager, _check_repeated_in_graph,
-                      _drain, *first_kernels, _drain):
+        for check in (_check_all_reduce_sizes, _check_all_to_all, _check_repeated_eager, _check_repeated_in_graph):
             started = time.perf_counter()
-            check(dda, rank, device, report) if check is not _drain else _drain(dda)
+            check(dda, rank, device, report)
             if rank == 0:  # progress, so a slow or stuck check shows which one it is
-                print(f"{getattr(check, '__name__', 'check')}: passed in {time.perf_counter() - started:.1f} s",
-                      flush=True)
+                print(f"{check.__name__}: passed in {time.perf_counter() - started:.1f} s", flush=True)
         _check_install_and_comm(rank, device, report)
         dist.barrier()
     finally:

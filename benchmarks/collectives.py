@@ -63,13 +63,22 @@ def sweep(dda, args) -> dict:
     for run in (1, 2):
         for size in ar_sizes:
             for algorithm in ALL_REDUCE_ALGORITHMS:
-                us = time_all_reduce(dda, algorithm, size, calls=args.calls, replays=args.replays)
+                us = _guarded(time_all_reduce, dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_reduce", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
         for size in a2a_sizes:
             for algorithm in ("nccl", "direct"):
-                us = time_all_to_all(dda, algorithm, size, calls=args.calls, replays=args.replays)
+                us = _guarded(time_all_to_all, dda, algorithm, size, calls=args.calls, replays=args.replays)
                 rows.append({"op": "all_to_all", "algorithm": algorithm, "bytes": size, "run": run, "us": us})
     return {"rows": rows}
+
+
+def _guarded(timer, *args, **kwargs) -> float:
+    """A failing variant (a kernel that does not compile, say) costs its row, not the run: NaN, message printed."""
+    try:
+        return timer(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - reported, and the other variants still measured
+        print(f"{timer.__name__}{args[1:3]}: {type(error).__name__}: {error}", flush=True)
+        return float("nan")
 
 
 # ---- TP2 decode step -------------------------------------------------------------------------------------------
@@ -298,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         partial = os.path.join(tmp, "rank0.json")
-        mp.spawn(_rank_main, args=(_free_port(), args, partial), nprocs=NUM_GPUS, join=True)
+        try:
+            mp.spawn(_rank_main, args=(_free_port(), args, partial), nprocs=NUM_GPUS, join=True)
+        except Exception as error:  # noqa: BLE001 - what rank 0 measured before the failure is still written
+            print(f"a rank failed: {error}", file=sys.stderr)
+        if not Path(partial).exists():
+            return 1
         document = json.loads(Path(partial).read_text())
     document = {"command": command_line(), "machine": machine_info(),
                 "device": torch.cuda.get_device_name(0), "num_gpus": NUM_GPUS, **document}

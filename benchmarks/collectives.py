@@ -42,7 +42,7 @@ NUM_GPUS = 2
 KIB = 1 << 10
 ALL_REDUCE_SIZES = tuple(4 * KIB << i for i in range(15))  # 4 KiB .. 64 MiB
 ALL_TO_ALL_SIZES = tuple(64 * KIB << i for i in range(7))  # 64 KiB .. 4 MiB
-QUICK_ALL_REDUCE_SIZES = (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1 << 20, 4 << 20, 16 << 20)
+QUICK_ALL_REDUCE_SIZES = (4 * KIB, 16 * KIB, 64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 << 20, 4 << 20, 16 << 20)
 QUICK_ALL_TO_ALL_SIZES = (64 * KIB, 512 * KIB, 4 << 20)
 # "one-shot" is the low-latency kernel up to DirectAccessGroup.ll_max_bytes, "one-shot-barrier" above it
 ALL_REDUCE_ALGORITHMS = ("nccl", "one-shot", "one-shot-barrier", "two-shot")

@@ -390,9 +390,10 @@ class KVTransferTime:
 def kv_transfer_time(model: ModelShape, *, num_tokens: int, link_bytes_per_s: float, prefill_latency_s: float,
                      is_layerwise: bool = True, latency_s: float = 0.0) -> KVTransferTime:
     """Prefill -> decode KV shipment of one prompt. Layer-wise, layer l travels while layer l + 1 computes, so
-    only the last layer's share, or the excess of the transfer over the compute, remains after the prefill."""
+    only the last layer's share, or the excess of the transfer over the compute, remains after the prefill. The
+    transport sends one message per layer (kv_transfer's sessions), each paying `latency_s`."""
     num_bytes = model.kv_bytes_per_token * num_tokens
-    total = latency_s + num_bytes / link_bytes_per_s
+    total = model.num_layers * latency_s + num_bytes / link_bytes_per_s
     if not is_layerwise:
         return KVTransferTime(num_bytes=num_bytes, total_s=total, exposed_s=total)
     layers = model.num_layers

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mesh.triton_gemv import GemvTile, fused_gemv
 from mesh.triton_pdl import is_enabled as pdl_enabled
@@ -30,8 +29,8 @@ from mesh.triton_pdl import launch_options
 def _add_rms_norm_kernel(h_ptr, delta_ptr, weight_ptr, out_ptr, eps, hidden_size,
                          HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden_size
@@ -55,8 +54,8 @@ def _rope_store_kernel(qkv_ptr, positions_ptr, slots_ptr, cos_ptr, sin_ptr, q_ou
                        NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, HAS_CACHE: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)  # 0..NUM_HEADS - 1: a query head; then the KV heads
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -103,8 +102,8 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, pa
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          IS_SPLIT: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,8 +156,8 @@ def _paged_decode_kernel(q_ptr, cache_ptr, tables_ptr, seq_lens_ptr, out_ptr, pa
 def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
                          MAX_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)  # seq * NUM_HEADS + head
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -177,8 +176,8 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits,
 @triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, intermediate_size, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mesh.gpu_ops import MAX_FUSED_ROWS, is_fusable
 from mesh.triton_pdl import is_enabled as pdl_enabled
@@ -121,8 +120,8 @@ def _fused_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, norm_w_ptr, sumsq_in_ptr
         w = tl.load(w_rows + offs_k[None, :], mask=is_n[:, None] & is_k[None, :], other=0.0,
                     eviction_policy="evict_first")
     if USE_PDL:  # mesh.triton_pdl: nothing an earlier kernel wrote is touched before this
-        gdc_wait()
-        gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     inv_rms = tl.zeros([ROWS], tl.float32)
     if PROLOGUE == 1:
         inv_rms = tl.rsqrt(tl.load(sumsq_in_ptr + offs_r) / K + eps)

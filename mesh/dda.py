@@ -15,6 +15,8 @@ What it promises:
   "one-shot-barrier"), "one-shot-barrier" and "two-shot" (mesh/dda_epoch_kernels.py).
 - `all_to_all_single(output, input, output_split_sizes, input_split_sizes)`: as torch.distributed's (splits in
   rows of dim 0; None = equal), each rank's share at most `message_bytes / world_size`.
+- The kernel chosen depends on the size, dtype and 4-byte alignment of the tensor: the same on every rank when the
+  ranks run the same code (equal shapes and offsets), which collectives require anyway.
 - No host synchronisation and fixed buffers: every call can be captured in a CUDA graph and replayed. The
   all-to-all's split sizes become device tensors; pass `split_tensors=` (int64 element offsets/sizes) to keep
   them fixed inside a graph.

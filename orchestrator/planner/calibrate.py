@@ -2,7 +2,8 @@
 
 Who calls it: `orchestrator.planner.cli.run_calibrate`, which saves the result for `pdcluster plan --hardware`.
 What it measures: a square matrix product (bf16 on GPU, float32 on CPU), a device-to-device copy (bytes read +
-written, as the decode model uses them), causal scaled-dot-product attention, pinned host <-> device copies (GPU),
+written, as the decode model uses them), causal scaled-dot-product attention, the fixed time of one small kernel
+(replayed from a CUDA graph on GPU; one op's dispatch on CPU), pinned host <-> device copies (GPU),
 and, with two or more devices (or `world_size >= 2` on CPU, through Gloo), all-reduce bus bandwidth, small
 all-reduce latency and send/recv bandwidth between ranks 0 and 1, one process per rank. Figures it cannot measure
 (the UCX KV link, the inter-node network) are set from the nearest measured one and left out of `measured`, so a
@@ -113,6 +114,29 @@ def measure_host_link_bytes_per_s(device, sizes: CalibrationSizes) -> float:
     return sizes.copy_bytes / seconds
 
 
+def measure_kernel_latency_s(device, *, num_kernels: int = 200, repeats: int = 5) -> float:
+    """Fixed time of one kernel run back to back with others: `num_kernels` one-element adds captured in a CUDA graph
+    and replayed (so launch cost is the graph's, as in the engine's decode step); on CPU, one small op's dispatch."""
+    import torch
+
+    x = torch.zeros(1, device=device)
+
+    def many() -> None:
+        for _ in range(num_kernels):
+            x.add_(1)
+
+    if device.type != "cuda":
+        return _timer(device)(many, repeats) / num_kernels
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        many()  # warm-up outside the capture
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        many()
+    return _timer(device)(graph.replay, repeats) / num_kernels
+
+
 # --- collectives, one process per rank ----------------------------------------------------------------------------
 
 def _free_port() -> int:
@@ -217,7 +241,9 @@ def calibrate(*, device: str = "auto", name: str | None = None, world_size: int 
     log(f"copy: {figures['hbm_bytes_per_s'] / 1e9:.3g} GB/s (read + written)")
     figures["attention_flops"] = measure_attention_flops(dev, sizes)
     log(f"attention: {figures['attention_flops'] / 1e12:.3g} TFLOP/s")
-    measured += ["matmul_flops", "hbm_bytes_per_s", "attention_flops"]
+    figures["kernel_latency_s"] = measure_kernel_latency_s(dev)
+    log(f"kernel: {figures['kernel_latency_s'] * 1e6:.2f} us each, back to back")
+    measured += ["matmul_flops", "hbm_bytes_per_s", "attention_flops", "kernel_latency_s"]
     if device == "cuda":
         figures["host_link_bytes_per_s"] = measure_host_link_bytes_per_s(dev, sizes)
         measured.append("host_link_bytes_per_s")

@@ -134,7 +134,8 @@ def test_calibrate_on_cpu_writes_a_file_the_planner_reads(tmp_path):
     assert "matmul:" in out and "copy:" in out
     spec = load_hardware(hardware)
     assert spec.name == "cpu" and not spec.is_gpu and spec.accelerator_type is None
-    assert {"matmul_flops", "hbm_bytes_per_s", "attention_flops"} <= set(spec.measured)
+    assert {"matmul_flops", "hbm_bytes_per_s", "attention_flops", "kernel_latency_s"} <= set(spec.measured)
+    assert "kernel:" in out and 0 < spec.kernel_latency_s < 1e-3  # one small op's dispatch on CPU
     assert "p2p_bytes_per_s" not in spec.measured  # one device: assumed, and marked so
     assert spec.matmul_flops > 1e6 and spec.hbm_bytes_per_s > 1e6 and spec.memory_bytes > 2**28
     code, out, err = run(["plan", "--preset", "tiny-llama", "--hardware", str(hardware), "--input-len", "64",

@@ -430,7 +430,7 @@ def test_step_runner_on_cuda_matches_reference_step(gpu_model_dir):
     ids, positions, query_lens = _packed(prompts)
     first = _reference_step(reference, ids, positions, query_lens, [0, 0], tables, ref_cache).argmax(-1).tolist()
     our_cache = [layer.clone() for layer in ref_cache]
-    runner = GpuStepRunner(reference, our_cache, max_num_seqs=8)
+    runner = GpuStepRunner(reference, our_cache, max_num_seqs=2)  # buckets 1, 2: both tuned and measured
     params = (SamplingParams(max_tokens=3), SamplingParams(max_tokens=3))
     plan = types.SimpleNamespace(request_ids=("a", "b"), input_token_ids=tuple(first), positions=(33, 70),
                                  context_lens=(33, 70), block_tables=tuple(tuple(t) for t in tables), params=params,
@@ -446,16 +446,17 @@ def test_capture_measures_fused_against_unfused_and_keeps_the_faster(gpu_model_d
     reference = CausalLM.load(gpu_model_dir, dtype=torch.bfloat16, device="cuda")
     ours = GpuDecoder.from_model(reference)
     cache = allocate_kv_cache(reference, 8, 16)
-    graphs = DecodeGraphs(ours, cache, max_num_seqs=6, buckets=(1, 2, 4))  # 1, 2, 4 fusable; 6 not
+    # 1 and 2 fusable, 3 not (each tuned bucket compiles a few dozen kernel variants: kept to two for time)
+    graphs = DecodeGraphs(ours, cache, max_num_seqs=3, buckets=(1, 2))
     graphs.capture()
-    assert set(graphs.choices) >= {1, 2, 4}  # 6 too where PDL is measured
+    assert set(graphs.choices) >= {1, 2}  # 3 too where PDL is measured
     for rows, choice in graphs.choices.items():
         print(f"rows {rows}: {choice['variants_ms']}")
         assert not choice["errors"], choice["errors"]
         assert len(choice["variants_ms"]) == (4 if torch.cuda.get_device_capability()[0] >= 9 else 2)
         print(f"rows {rows}: fused {choice['fused_ms']:.3f} ms, unfused {choice['plain_ms']:.3f} ms")
-        if rows == 6:
-            assert choice["fused_ms"] is None and graphs.is_fused[6] is False
+        if rows == 3:
+            assert choice["fused_ms"] is None and graphs.is_fused[3] is False
             continue
         assert graphs.is_fused[rows] is (choice["fused_ms"] < choice["plain_ms"])
         assert {row["projection"] for row in choice["gemv"]} == {"qkv", "o", "gate_up", "down", "lm_head"}

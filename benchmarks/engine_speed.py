@@ -8,6 +8,10 @@ One process, one GPU. Weights are random bf16 drawn directly on the GPU in the p
 - decode (mesh.gpu_graphs.DecodeGraphs, CUDA graph per batch): time per step = per output token of every sequence,
   at each batch with `--context` tokens cached per sequence; the step includes its host work and the token fetch.
   Floor = (weight bytes a step reads + KV bytes read) / measured copy bandwidth (bytes read + written).
+  Batches up to 8 are captured as fused/unfused x programmatic dependent launch on/off and keep the fastest
+  (`--fused`, `--pdl` force one); the JSON and the tables carry each variant's replay time, the per-projection
+  GEMV tuning (cuBLAS against the Triton tiles) and, for `--breakdown-batches`, the profiler's device time by
+  kernel kind (under PDL a kernel's record includes its wait for the previous one: the records overlap).
 - prefill (GpuDecoder.prefill, one prompt of N tokens, KV written to a paged cache): tokens/s and MFU =
   (2 x matmul params x N + causal attention 2 x N^2 x heads x head_dim per layer) / time / measured bf16 peak.
 - transformers generate (sdpa, bf16) on the same weights: time per output token and time to first token, each
@@ -389,8 +393,9 @@ def tables(document: dict) -> None:
             for kind, entry in sorted((kernels.get("kinds") or {}).items(), key=lambda item: -item[1]["us"]):
                 kernel_rows.append([model["model"], run["batch"], kind, entry["launches"], entry["us"]])
             if "kinds" in kernels:
-                kernel_rows.append([model["model"], run["batch"], "(gaps: replay - kernels)", kernels["launches"],
-                                    kernels["gaps_us"]])
+                label = "(replay - kernels; < 0: records overlap, PDL)" if run.get("is_pdl") else \
+                    "(gaps: replay - kernels)"
+                kernel_rows.append([model["model"], run["batch"], label, kernels["launches"], kernels["gaps_us"]])
     print_table("decode step replay by variant (ms, padded rows; pdl = programmatic dependent launch)",
                 ["model", "batch", "fused+pdl", "fused", "unfused+pdl", "unfused", "kept"], fused_rows)
     print_table("decode projections, one call, us (unfused step: best of cuBLAS and Triton tiles on the bare "

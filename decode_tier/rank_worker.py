@@ -31,6 +31,8 @@ from mesh.kv_cache import allocate_kv_cache
 from mesh.model import CausalLM
 from mesh.parallel import MeshShape
 from mesh.rank_device import DTYPES, actor_device, bind_thread, node_host
+from mesh.collectives import install_for_mesh
+from mesh.collectives_config import CollectivesConfig
 from mesh.rank_group import RankGroup, Rendezvous, join_mesh
 
 log = logging.getLogger("pdcluster.decode")
@@ -61,6 +63,7 @@ class CacheSettings:
 
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
                   cache: CacheSettings, store=None, *, device: torch.device | None = None,
+                  collectives: CollectivesConfig | None = None,
                   ) -> tuple[RankGroup | None, CausalLM, DecodeLayout, KVCacheSize]:
     """Blocking (run it off the event loop, on the rank's compute thread): join the replica's world (NCCL for the
     model's collectives on GPU), load this rank's shard straight onto `device` in `dtype`, describe its KV, and
@@ -71,6 +74,7 @@ def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rend
     bind_thread(device)
     group, dims = join_mesh(rendezvous, rank, shape, store=store, device=device if device.type == "cuda" else None)
     model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype], device=device)
+    install_for_mesh(dims, collectives)  # direct-access all-reduce / all-to-all on GPU; Gloo on CPU unchanged
     config = model.config
     layout = DecodeLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, tp=shape.tp,
                           block_size=cache.block_size)
@@ -110,9 +114,11 @@ class DecodeRankWorker:
     def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape,
                  num_kv_blocks: int | None, block_size: int, max_num_seqs: int, kv_backend: str, kv_token: str,
                  num_threads: int = 1, checksum: bool = False, use_gpu: bool = False,
-                 gpu_memory_fraction: float = 0.9, max_step_tokens: int | None = None):
+                 gpu_memory_fraction: float = 0.9, max_step_tokens: int | None = None,
+                 collectives: CollectivesConfig | None = None):
         """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it. num_kv_blocks None:
-        sized at start-up (decode_tier/kv_sizing.py)."""
+        sized at start-up (decode_tier/kv_sizing.py). collectives: the tier's `collectives` section."""
+        self._collectives = collectives
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self.rank = rank
@@ -145,7 +151,8 @@ class DecodeRankWorker:
         bind_thread(self._device)  # the event loop packs, scatters and records events for the transport
         group, model, layout, self._cache_size = await loop.run_in_executor(
             self._executor, functools.partial(join_and_load, self._model_path, self._dtype, self._shape, self.rank,
-                                              rendezvous, self._cache_settings, device=self._device))
+                                              rendezvous, self._cache_settings, device=self._device,
+                                              collectives=self._collectives))
         log.info("%s rank %d on %s: %s", self.replica_id, self.rank, self._device, self._cache_size.description)
         kv_cache = allocate_kv_cache(model, num_blocks=self._cache_size.num_blocks, block_size=self._block_size)
         runner = StepRunner(model, kv_cache, self._max_num_seqs)

@@ -40,6 +40,7 @@ from kv_transfer.mesh_layout import PrefillLayout
 from kv_transfer.mesh_session import MeshReservation, RankKVReceiver
 from kv_transfer.transport import TransferStats, get_transport
 from mesh import comm
+from mesh.collectives_config import CollectivesConfig
 from mesh.parallel import MeshShape
 from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
@@ -71,9 +72,10 @@ class DecodeReplica:
                  max_num_seqs: int, kv_backend: str, kv_token: str, lease_s: float, num_threads: int = 1,
                  checksum: bool = False, mesh: MeshShape | None = None, prefill_mesh: MeshShape | None = None,
                  workers: Sequence = (), use_gpu: bool = False, gpu_memory_fraction: float = 0.9,
-                 max_step_tokens: int | None = None):
+                 max_step_tokens: int | None = None, collectives: CollectivesConfig | None = None):
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
+        self._collectives = collectives
         self._model_path = model_path
         self._dtype = dtype
         self._cache_settings = CacheSettings(num_kv_blocks=num_kv_blocks, gpu_memory_fraction=gpu_memory_fraction,
@@ -135,7 +137,7 @@ class DecodeReplica:
             worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
         joining = loop.run_in_executor(self._executor, functools.partial(
             join_and_load, self._model_path, self._dtype, self._shape, 0, rendezvous, self._cache_settings, store,
-            device=self._device))
+            device=self._device, collectives=self._collectives))
         # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
         done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
         for task in done:

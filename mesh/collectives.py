@@ -254,3 +254,14 @@ def measure_table(dda: Any, config: CollectivesConfig, *, calls_per_graph: int =
     agreed_a2a = {NCCL: rest[:m], DIRECT: rest[m:2 * m]}
     return table_from_timings(all_reduce_sizes=sizes, all_reduce_us=agreed_ar, all_to_all_sizes=a2a_sizes,
                               all_to_all_us=agreed_a2a)
+
+
+def install_for_mesh(dims: Any, config: CollectivesConfig | None = None) -> list[GroupCollectives]:
+    """Collective over the whole replica: `install` for each group of this rank that carries model collectives (the
+    tp group's all-reduces, the ep group's all-to-alls), in the same order on every rank. Tier ranks call it right
+    after joining their mesh (prefill_tier / decode_tier `join_and_load`); a one-rank mesh has no group to set up."""
+    installed = []
+    for group in (dims.tp_group, dims.ep_group):
+        if group is not None:
+            installed.append(install(group, config))
+    return installed

@@ -292,7 +292,8 @@ class Deployment:
                           block_size=tier.block_size, max_num_seqs=tier.max_num_seqs,
                           kv_backend=cfg.kv_transfer.backend, kv_token=self.token, num_threads=threads,
                           checksum=cfg.kv_transfer.checksum, use_gpu=use_gpu,
-                          gpu_memory_fraction=tier.gpu_memory_fraction, max_step_tokens=tier.max_step_tokens)
+                          gpu_memory_fraction=tier.gpu_memory_fraction, max_step_tokens=tier.max_step_tokens,
+                          collectives=tier.collectives)
             handle.workers = [ray.remote(DecodeRankWorker).options(**options(rank, 0)).remote(
                 replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
             prefill = cfg.prefill.mesh
@@ -306,7 +307,8 @@ class Deployment:
         from prefill_tier.replica import PrefillReplica
 
         common = dict(model_path=cfg.model.path, dtype=cfg.model.dtype, kv_backend=cfg.kv_transfer.backend,
-                      kv_token=self.token, layerwise=cfg.kv_transfer.layerwise, num_threads=threads, use_gpu=use_gpu)
+                      kv_token=self.token, layerwise=cfg.kv_transfer.layerwise, num_threads=threads, use_gpu=use_gpu,
+                      collectives=tier.collectives)
         handle.workers = [ray.remote(PrefillRankWorker).options(**options(rank, 0)).remote(
             replica_id=handle.replica_id, rank=rank, mesh=mesh, **common) for rank in range(1, mesh.world_size)]
         handle.actor = ray.remote(PrefillReplica).options(**options(0, restarts)).remote(

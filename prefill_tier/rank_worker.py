@@ -23,13 +23,15 @@ from kv_transfer.transport import get_transport
 from mesh.model import CausalLM
 from mesh.parallel import MeshShape
 from mesh.rank_device import DTYPES, actor_device, bind_thread, node_host
+from mesh.collectives import install_for_mesh
+from mesh.collectives_config import CollectivesConfig
 from mesh.rank_group import RankGroup, Rendezvous, join_mesh
 from prefill_tier.rank_step import PrefillRankCore, RankOutcome
 
 log = logging.getLogger("pdcluster.prefill")
 
 def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rendezvous: Rendezvous | None,
-                  store=None, *, device: torch.device | None = None,
+                  store=None, *, device: torch.device | None = None, collectives: CollectivesConfig | None = None,
                   ) -> tuple[RankGroup | None, CausalLM, PrefillLayout]:
     """Blocking (run it off the event loop, on the rank's compute thread): join the replica's world (NCCL for the
     model's collectives on GPU), load this rank's shard straight onto `device` in `dtype`, describe its KV."""
@@ -37,6 +39,7 @@ def join_and_load(model_path: str, dtype: str, shape: MeshShape, rank: int, rend
     bind_thread(device)
     group, dims = join_mesh(rendezvous, rank, shape, store=store, device=device if device.type == "cuda" else None)
     model = CausalLM.load(model_path, dims, dtype=DTYPES[dtype], device=device)
+    install_for_mesh(dims, collectives)  # direct-access all-reduce / all-to-all on GPU; Gloo on CPU unchanged
     config = model.config
     layout = PrefillLayout(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, pp=shape.pp, cp=shape.cp,
                            tp=shape.tp)
@@ -47,8 +50,11 @@ class PrefillRankWorker:
     """Ray actor class (plain; resources and placement come from orchestrator/deploy.py)."""
 
     def __init__(self, *, replica_id: str, rank: int, model_path: str, dtype: str, mesh: MeshShape, kv_backend: str,
-                 kv_token: str, layerwise: bool = True, num_threads: int = 1, use_gpu: bool = False):
-        """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it."""
+                 kv_token: str, layerwise: bool = True, num_threads: int = 1, use_gpu: bool = False,
+                 collectives: CollectivesConfig | None = None):
+        """use_gpu: the tier asks for num_gpus: this rank computes on the GPU Ray assigned it. collectives: the
+        tier's `collectives` section (mesh/collectives.py)."""
+        self._collectives = collectives
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
         self.rank = rank
@@ -73,7 +79,7 @@ class PrefillRankWorker:
         bind_thread(self._device)  # the event loop packs each layer's KV and records events for the transport
         group, model, layout = await loop.run_in_executor(
             self._executor, functools.partial(join_and_load, self._model_path, self._dtype, self._shape, self.rank,
-                                              rendezvous, device=self._device))
+                                              rendezvous, device=self._device, collectives=self._collectives))
         sender = RankKVSender(get_transport(self._kv_backend).make_client(token=self._kv_token), layout, self.rank)
         core = PrefillRankCore(model, sender, loop, layerwise=self._layerwise)
         self._thread = threading.Thread(target=self._serve_steps, args=(group, core), daemon=True,

@@ -26,6 +26,7 @@ import torch
 from kv_transfer.mesh_session import RankKVSender
 from kv_transfer.transport import get_transport
 from mesh import comm
+from mesh.collectives_config import CollectivesConfig
 from mesh.parallel import MeshShape
 from mesh.rank_device import bind_thread, collective_backend, device_identity
 from mesh.rank_group import open_rendezvous
@@ -60,11 +61,12 @@ class PrefillReplica:
     def __init__(self, *, replica_id: str, model_path: str, dtype: str, max_batch_tokens: int, max_batch_seqs: int,
                  kv_backend: str, kv_token: str, layerwise: bool = True, num_threads: int = 1,
                  mesh: MeshShape | None = None, workers: Sequence = (), use_gpu: bool = False,
-                 prefix_cache: PrefixCacheConfig | None = None):
+                 prefix_cache: PrefixCacheConfig | None = None, collectives: CollectivesConfig | None = None):
         """prefix_cache: keep prompts' KV on the ranks and reuse their longest cached block prefix
         (prefill_tier/prefix_cache.py); None or max_tokens == 0: off."""
         torch.set_num_threads(max(1, num_threads))
         self.replica_id = replica_id
+        self._collectives = collectives
         self._model_path = model_path
         self._dtype = dtype
         self._kv_backend = kv_backend
@@ -110,7 +112,8 @@ class PrefillReplica:
                                                 backend=collective_backend(self._device))
             worker_starts = [asyncio.ensure_future(w.start.remote(rendezvous)) for w in self._workers]
         joining = loop.run_in_executor(self._executor, functools.partial(
-            join_and_load, self._model_path, self._dtype, self._shape, 0, rendezvous, store, device=self._device))
+            join_and_load, self._model_path, self._dtype, self._shape, 0, rendezvous, store, device=self._device,
+            collectives=self._collectives))
         # A worker that fails to start would leave rank 0 waiting for it: fail as soon as anything fails.
         done, _ = await asyncio.wait([joining, *worker_starts], return_when=asyncio.FIRST_EXCEPTION)
         for task in done:

@@ -235,3 +235,19 @@ def test_install_plugs_the_group_into_comm(gloo_group, monkeypatch):
         assert len(seen_configs) == 1
     finally:
         comm.unregister_group_impl(gloo_group)
+
+
+def test_install_for_mesh_sets_up_the_tp_and_ep_groups_in_order(gloo_group, monkeypatch):
+    """Tier ranks call install_for_mesh after joining: each model group once, tp before ep, none on one rank."""
+    from types import SimpleNamespace
+
+    seen = []
+    monkeypatch.setattr(coll, "install", lambda group, config=None: seen.append((group, config)) or group)
+    config = CollectivesConfig(all_reduce="nccl")
+    assert coll.install_for_mesh(SimpleNamespace(tp_group=None, ep_group=None), config) == []
+    assert coll.install_for_mesh(SimpleNamespace(tp_group="tp", ep_group="ep"), config) == ["tp", "ep"]
+    assert seen == [("tp", config), ("ep", config)]
+    seen.clear()
+    monkeypatch.undo()
+    installed = coll.install_for_mesh(SimpleNamespace(tp_group=gloo_group, ep_group=None))
+    assert len(installed) == 1 and installed[0].dda is None and "gloo" in installed[0].fallback_reason

@@ -78,10 +78,11 @@ def ledger_scope(ledger: CommLedger | None = None) -> Iterator[CommLedger]:
         _state.ledger = previous
 
 
-def _count(kind: str, num_bytes: int) -> None:
+def _count(kind: str, tensor: torch.Tensor) -> None:
+    """Adds `tensor`'s bytes to the thread's ledger, if one is open (sizes are only computed then)."""
     ledger = getattr(_state, "ledger", None)
     if ledger is not None:
-        ledger.add(kind, num_bytes)
+        ledger.add(kind, tensor.numel() * tensor.element_size())
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -133,7 +134,7 @@ def group_impl(group: Any) -> GroupImpl | None:
 
 def all_reduce(tensor: torch.Tensor, *, group: Any, kind: str) -> None:
     """Sum in place over `group`; counts the buffer."""
-    _count(kind, _nbytes(tensor))
+    _count(kind, tensor)
     impl = _impls.get(group)
     if impl is not None and impl.all_reduce is not None:
         impl.all_reduce(tensor)
@@ -143,13 +144,13 @@ def all_reduce(tensor: torch.Tensor, *, group: Any, kind: str) -> None:
 
 def all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor, *, group: Any, kind: str) -> None:
     """Every rank's `tensor` into `outputs` (one per rank); counts this rank's input."""
-    _count(kind, _nbytes(tensor))
+    _count(kind, tensor)
     dist.all_gather(outputs, tensor, group=group)
 
 
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, *, group: Any, kind: str) -> None:
     """Every rank's `tensor` concatenated along dim 0 into `output`; counts this rank's input."""
-    _count(kind, _nbytes(tensor))
+    _count(kind, tensor)
     dist.all_gather_into_tensor(output, tensor, group=group)
 
 
@@ -158,8 +159,9 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor, output_split_si
                       async_op: bool = False) -> Any:
     """As torch.distributed.all_to_all_single; counts the rows of `input` addressed to other ranks (equal splits
     when none are given). Returns a work handle with async_op (None when a plugged implementation ran)."""
-    if getattr(_state, "ledger", None) is not None:
-        _count(kind, _leaving_bytes(input, input_split_sizes, group))
+    ledger = getattr(_state, "ledger", None)
+    if ledger is not None:
+        ledger.add(kind, _leaving_bytes(input, input_split_sizes, group))
     impl = _impls.get(group)
     if impl is not None and impl.all_to_all_single is not None:
         impl.all_to_all_single(output, input, output_split_sizes, input_split_sizes)
@@ -180,7 +182,7 @@ def _leaving_bytes(input: torch.Tensor, input_split_sizes: list[int] | None, gro
 
 def isend(tensor: torch.Tensor, *, group: Any, group_dst: int, tag: int = 0, kind: str) -> Any:
     """Non-blocking send to group rank `group_dst`; counts the tensor."""
-    _count(kind, _nbytes(tensor))
+    _count(kind, tensor)
     return dist.isend(tensor, group=group, group_dst=group_dst, tag=tag)
 
 
@@ -193,7 +195,7 @@ def exchange(send: torch.Tensor, recv: torch.Tensor, *, group: Any, send_peer: i
              kind: str) -> list:
     """Posts send -> group rank `send_peer` and receive <- `recv_peer` together (batch_isend_irecv, so a ring of
     such calls cannot deadlock) and returns the work handles; counts the tensor sent."""
-    _count(kind, _nbytes(send))
+    _count(kind, send)
     ops = [dist.P2POp(dist.isend, send, group=group, group_peer=send_peer),
            dist.P2POp(dist.irecv, recv, group=group, group_peer=recv_peer)]
     return dist.batch_isend_irecv(ops)
@@ -202,7 +204,7 @@ def exchange(send: torch.Tensor, recv: torch.Tensor, *, group: Any, send_peer: i
 def broadcast(tensor: torch.Tensor, *, group: Any, group_src: int, kind: str) -> None:
     """From group rank `group_src` to the others; the source counts the buffer."""
     if getattr(_state, "ledger", None) is not None and dist.get_rank(group) == group_src:
-        _count(kind, _nbytes(tensor))
+        _count(kind, tensor)
     dist.broadcast(tensor, group=group, group_src=group_src)
 
 

@@ -98,12 +98,18 @@ class ClusterBackend:
                     ref = handle.actor.reserve.remote(spec.request_id, len(spec.prompt_token_ids), spec.params,
                                                       prefill_mesh=_mesh_of(prefill))
                 try:
-                    info = await ref
-                except asyncio.CancelledError:
-                    # The client left (or its deadline passed) while the reservation was being made: it may
-                    # still succeed on the replica, so release it as soon as it exists instead of at lease end.
+                    # Bounded: a replica that stops answering (its node gone but not yet declared dead) must not
+                    # hold the request past router.replica_timeout_s; the next replica is tried.
+                    info = await asyncio.wait_for(ref, self._replica_timeout_s)
+                except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+                    # The client left (or its deadline passed), or the replica is too slow, while the reservation
+                    # was being made: it may still succeed there, so release it as soon as it exists instead of at
+                    # lease end.
                     _release_when_reserved(handle, spec.request_id, ref)
-                    raise
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    refusals.append((False, f"{handle.replica_id}: no answer within {self._replica_timeout_s:g} s"))
+                    continue
                 used = info["num_blocks"] if local else len(info.block_ids)
                 handle.info["num_free_blocks"] = max(0, handle.info.get("num_free_blocks", 0) - used)
                 return handle, info
@@ -220,8 +226,7 @@ class ClusterBackend:
             finish_reason = "error"
             stream = decode.actor.generate.remote(spec.request_id, spec.prompt_token_ids, first)
             try:
-                async for ref in stream:
-                    item = await asyncio.wait_for(ref, self._replica_timeout_s)
+                async for item in _bounded_items(stream, self._replica_timeout_s):
                     if "kv_bytes" in item:
                         continue
                     if item["token_ids"]:
@@ -277,8 +282,7 @@ class ClusterBackend:
         try:
             stream = decode.actor.generate_local.remote(spec.request_id)
             try:
-                async for ref in stream:
-                    item = await asyncio.wait_for(ref, self._replica_timeout_s)
+                async for item in _bounded_items(stream, self._replica_timeout_s):
                     if "prefill_s" in item:
                         first_at = time.monotonic()
                         timings.update(prefill_s=item["prefill_s"], ttft_s=first_at - started)
@@ -411,6 +415,7 @@ class ClusterBackend:
                 log.warning("replica %s answers but did not start: %s", handle.replica_id, _cause(exc))
                 return
             handle.info.update(info)
+            handle.node_ip = info.get("node_ip", handle.node_ip)  # Ray may have re-placed it on another node
             handle.info["restarts"] = handle.info.get("restarts", 0) + 1
         if restarted:  # a new process: whatever it had cached is gone
             self._prefill_policy.forget(handle)
@@ -537,6 +542,25 @@ def _mesh_of(handle: ReplicaHandle) -> MeshShape | None:
     return MeshShape(tp=mesh.tp, cp=mesh.cp, pp=mesh.pp, ep=mesh.ep)
 
 
+async def _bounded_items(stream, timeout_s: float):
+    """The items of a replica's streaming call, each within timeout_s of the one before: a replica that stops making
+    progress (hung, or on a node that is gone but not yet declared dead) raises asyncio.TimeoutError instead of
+    holding the request forever. The wait that can hang is the one for the generator's next ref (its next yield);
+    the ref's value is bounded too."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            ref = await asyncio.wait_for(iterator.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        yield await asyncio.wait_for(ref, timeout_s)
+
+
 def _cause(exc: Exception) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # its message is empty
+        return "no progress within router.replica_timeout_s"
     cause = getattr(exc, "cause", None)
-    return str(cause) if cause is not None else str(exc).splitlines()[0]
+    if cause is not None:
+        return str(cause)
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__

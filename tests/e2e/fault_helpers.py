@@ -127,3 +127,28 @@ class BackgroundStream:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), f"the stream did not end within {timeout_s:.0f} s"
         return self
+
+
+def stall_decode_steps(decode_actor, is_stalled: bool) -> None:
+    """Test-only: hold (True) or release (False) every engine step of a decode replica, so it stays alive and answers
+    its health check but makes no progress on any stream (a hung replica, not a dead one)."""
+    def patch(replica):
+        import threading
+
+        if is_stalled:
+            gate = threading.Event()
+            original = replica._engine.step
+
+            def step():
+                gate.wait()
+                return original()
+
+            replica._stall = (gate, original)
+            replica._engine.step = step
+        elif getattr(replica, "_stall", None) is not None:
+            gate, original = replica._stall
+            replica._engine.step = original
+            gate.set()
+            replica._stall = None
+
+    ray.get(decode_actor.__ray_call__.remote(patch), timeout=30)

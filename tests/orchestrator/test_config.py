@@ -103,3 +103,29 @@ def test_tier_collectives_parse_and_errors_name_the_key():
         with pytest.raises(ConfigError) as err:
             parse_config(_minimal(decode={"collectives": raw}))
         assert err.value.key == key and key in str(err.value)
+
+
+def test_detached_tiers_need_a_ray_cluster_and_get_a_namespace():
+    from orchestrator.tier_registry import tier_namespace
+
+    base = {"model": {"path": "/m/tiny llama"}, "router": {"port": 50052}}
+    assert parse_config(base).router.detach_tiers is False
+    with pytest.raises(ConfigError) as err:  # a local Ray instance would end with the router
+        parse_config({**base, "router": {"detach_tiers": True}})
+    assert err.value.key == "router.detach_tiers" and "ray.address" in str(err.value)
+    config = parse_config({**base, "router": {"port": 50052, "detach_tiers": True}, "ray": {"address": "auto"}})
+    assert config.router.detach_tiers is True
+    assert tier_namespace(config) == "pdcluster-tiny-llama-50052"  # model name and router port, Ray-safe
+    named = parse_config({**base, "ray": {"address": "auto", "namespace": "prod-a"}})
+    assert tier_namespace(named) == "prod-a"
+    with pytest.raises(ConfigError) as err:
+        parse_config({**base, "router": {"detach_tiers": "yes"}, "ray": {"address": "auto"}})
+    assert err.value.key == "router.detach_tiers"
+
+
+def test_serve_keep_tiers_without_a_ray_cluster_is_a_config_error(tmp_path):
+    from orchestrator.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("model: {path: /nonexistent/model}\n")
+    assert main(["serve", str(path), "--keep-tiers"]) == 2  # exits before anything starts

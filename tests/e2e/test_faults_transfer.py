@@ -24,13 +24,13 @@ pytestmark = pytest.mark.slow
 
 PROMPT = list(range(30, 70))
 MAX_TOKENS = 48
-HOLD_S = 4.0  # how long a held transfer stays open: ample time to kill a rank in the middle of it
+HOLD_S = 2.0  # how long a held transfer stays open: ample time to kill a rank in the middle of it
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_local, tmp_path_factory):
     model_dir = make_model_dir(tmp_path_factory, "tiny-llama")
-    config = cluster_config(model_dir, router={"replica_timeout_s": 8.0, "max_retries": 2},
+    config = cluster_config(model_dir, router={"replica_timeout_s": 6.0, "max_retries": 2},
                             kv_transfer={"lease_s": 10.0})
     config = dataclasses.replace(
         config,

@@ -28,10 +28,12 @@ from mesh.sampling import sample
 class GpuStepRunner:
     def __init__(self, model: Any, kv_cache: Sequence[torch.Tensor], max_num_seqs: int, *,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, use_graphs: bool | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, fused: bool | None = None, pdl: bool | None = None) -> None:
+        """fused / pdl: mesh.gpu_graphs.DecodeGraphs' switches (None: each bucket keeps the variant measured
+        fastest at capture; the tuning and the extra captures add seconds to start-up, False skips them)."""
         self.decoder = GpuDecoder.from_model(model)
         self.graphs = DecodeGraphs(self.decoder, kv_cache, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                   buckets=buckets, use_graphs=use_graphs)
+                                   buckets=buckets, use_graphs=use_graphs, fused=fused, pdl=pdl)
         self.graphs.capture()
 
     @torch.inference_mode()

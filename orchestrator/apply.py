@@ -9,6 +9,7 @@ itself reports no queued, running or reserved work (or the drain timeout passes,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -62,6 +63,25 @@ def apply_lock(backend) -> asyncio.Lock:
     return lock
 
 
+def _update_autoscale(backend, plan: ApplyPlan, *, dry_run: bool, report: Callable[[str], None]) -> None:
+    """A changed `autoscale:` block needs no replica change: the running settings take it, and the planner
+    (orchestrator/autoscale_runner.py) reads it at its next interval."""
+    deployment = backend.deployment
+    for name, wanted in plan.tiers.items():
+        running = getattr(deployment.config, name)
+        if running.autoscale == wanted.autoscale:
+            continue
+        if dry_run:
+            report(f"{name}.autoscale would change")
+            continue
+        deployment.update_tier(dataclasses.replace(running, autoscale=wanted.autoscale))
+        if wanted.autoscale is not None and getattr(backend, "autoscaler", None) is None:
+            report(f"{name}.autoscale recorded, but this router started without autoscaling: restart "
+                   "`pdcluster serve` with the file to run the planner")
+        else:
+            report(f"{name}.autoscale updated (the planner uses it from its next interval)")
+
+
 async def apply_config(backend, wanted: ClusterConfig, *, dry_run: bool, report: Callable[[str], None],
                        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> ApplyPlan:
     deployment = backend.deployment
@@ -69,6 +89,8 @@ async def apply_config(backend, wanted: ClusterConfig, *, dry_run: bool, report:
     plan = plan_apply(deployment.config, wanted, counts)
     for line in plan.describe():
         report(line)
+    if plan.ok:
+        _update_autoscale(backend, plan, dry_run=dry_run, report=report)
     if dry_run or not plan.ok or plan.is_noop:
         return plan
     for action in plan.actions:

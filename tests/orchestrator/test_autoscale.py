@@ -238,3 +238,33 @@ def test_decisions_reach_pdcluster_status_through_the_message():
     assert "22:13:20" in table  # the change's time, UTC
     empty = status_to_proto({"model": "m", "prefill": [], "decode": []}, max_context_len=64, num_inflight=0)
     assert "autoscale" not in status_from_proto(empty)
+
+
+# ---- apply ----------------------------------------------------------------------------------------------------
+
+def test_apply_of_a_changed_autoscale_block_updates_the_running_settings():
+    import asyncio
+    import dataclasses
+
+    from orchestrator.apply import apply_config
+
+    running = parse_config({"model": {"path": "/m"}, "prefill": {"autoscale": {"ttft_p90_ms": 800, "max_replicas": 3}}})
+    wanted = parse_config({"model": {"path": "/m"}, "prefill": {"autoscale": {"ttft_p90_ms": 400, "max_replicas": 3}}})
+
+    class Deployment:
+        config = running
+
+        def replicas(self, tier):
+            return [type("Handle", (), {"state": "ready"})()]
+
+        def update_tier(self, tier):
+            self.config = dataclasses.replace(self.config, **{tier.name: tier})
+
+    backend = type("Backend", (), {"deployment": Deployment(), "autoscaler": object()})()
+    lines: list[str] = []
+    asyncio.run(apply_config(backend, wanted, dry_run=True, report=lines.append))
+    assert "prefill.autoscale would change" in lines
+    assert backend.deployment.config.prefill.autoscale.targets[0].limit_ms == 800
+    asyncio.run(apply_config(backend, wanted, dry_run=False, report=lines.append))
+    assert backend.deployment.config.prefill.autoscale.targets[0].limit_ms == 400
+    assert any("prefill.autoscale updated" in line for line in lines)

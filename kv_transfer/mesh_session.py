@@ -15,7 +15,8 @@ layer to it), numbered in (layer, copy) order; both sides derive the numbering f
 is what the transport calls the "layer" of a message (so the transport needs no change). A copy that carries all
 of the destination rank's heads for all the prompt's tokens in order (`is_direct`: always the case when prefill
 has no CP and the same or a finer head split) is sent as runs of whole destination blocks and lands in the paged
-cache in place, exactly like the single-rank path. Any other copy (a head subset, CP token runs that start
+cache in place, exactly like the single-rank path, as long as the block table has few runs (`MAX_IN_PLACE_RUNS`).
+Any other copy (or a direct one into a fragmented table) (a head subset, CP token runs that start
 mid-block) lands in a staging tensor of its own and is scattered into the blocks with `plan.unpack_into` once
 every message of the rank has landed.
 
@@ -101,15 +102,24 @@ def is_direct(plan: TransferPlan, copy: Copy) -> bool:
     return copy.is_all_dst_heads and copy.token_runs == (TokenRun(0, 0, plan.num_tokens),)
 
 
+# A direct copy lands in place only while its block table has at most this many runs of consecutive blocks. A
+# fragmented table (a long-running decode pool hands out scattered blocks) would otherwise cost one message per run
+# per layer (a 1K-token prompt with 16-token blocks: 64 messages a layer, 2048 for an 8B model), and per-message
+# costs dominate (measured on 2 x H200: 0.85-4.4 GB/s fragmented against ~300 GB/s contiguous); one staged message
+# per layer plus one scatter kernel on arrival costs a copy at device bandwidth instead.
+MAX_IN_PLACE_RUNS = 4
+
+
 def message_groups(plan: TransferPlan, dst_rank: int) -> tuple[MessageGroup, ...]:
     """The message groups of decode rank `dst_rank`, in the order both sides number them."""
     block_chunks = chunk_plan(plan.block_ids, plan.num_tokens, plan.dst.block_size)
+    is_in_place_table = len(block_chunks) <= MAX_IN_PLACE_RUNS
     copies = plan.copies_to(dst_rank)
     groups: list[MessageGroup] = []
     for layer in plan.dst.layer_range(dst_rank):
         for copy in copies:
             if layer in copy.layers:
-                chunks = block_chunks if is_direct(plan, copy) else None
+                chunks = block_chunks if is_in_place_table and is_direct(plan, copy) else None
                 groups.append(MessageGroup(len(groups), copy, layer, chunks))
     if len(groups) > MAX_LAYERS:
         raise ValueError(f"decode rank {dst_rank} would receive {len(groups)} message groups per request, the wire "

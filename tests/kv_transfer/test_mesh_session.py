@@ -138,6 +138,24 @@ def test_direct_copies_need_no_staging():
             assert all(g.block_chunks is not None for g in message_groups(plan, rank)), (src_tp, dst_tp)
 
 
+def test_a_fragmented_block_table_is_staged_in_one_message_per_layer():
+    """Past MAX_IN_PLACE_RUNS runs of consecutive blocks, a direct copy no longer sends one message per run: it is
+    staged like any other copy (one message per layer), and the KV still lands in the right blocks."""
+    from kv_transfer.mesh_session import MAX_IN_PLACE_RUNS
+
+    src = PrefillLayout(num_layers=2, num_kv_heads=2)
+    dst = DecodeLayout(num_layers=2, num_kv_heads=2, block_size=4)
+    runs = MAX_IN_PLACE_RUNS + 1
+    scattered = tuple(range(0, 2 * runs, 2))  # every other block: `runs` runs of one block
+    compact = (7, 8, 9, 1, 2)  # two runs
+    for block_ids, is_in_place in ((scattered, False), (compact, True)):
+        plan = MeshReservation(request_id="r", num_tokens=4 * len(block_ids) - 1, block_ids=block_ids, src=src,
+                               dst=dst, head_dim=4, dtype="float32", targets=tuple(_fake_targets(1))).plan()
+        groups = message_groups(plan, 0)
+        assert len(groups) == 2
+        assert all((g.block_chunks is not None) == is_in_place for g in groups), block_ids
+
+
 def _fake_targets(n):
     from kv_transfer.mesh_session import RankTarget
 

@@ -54,17 +54,34 @@ def hf_greedy(model_dir, prompts: list[list[int]], max_new_tokens: int) -> list[
     return outputs
 
 
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def config_yaml(config) -> str:
     """A validated ClusterConfig back as cluster.yaml text (what a user would edit and `pdcluster apply`)."""
     import yaml
 
-    raw = dataclasses.asdict(config)
+    raw = _without_nulls(dataclasses.asdict(config))  # null in cluster.yaml means "unset": leave those keys out
     raw.pop("source", None)
     for tier in ("prefill", "decode"):
         raw[tier].pop("name", None)
+    for key in ("prefix_cache", "prefix_routing"):  # prefill-only sections
+        raw["decode"].pop(key, None)
+    for tier in ("prefill", "decode"):  # autoscale targets are written as `<metric>_p<N>_ms: limit` keys
+        autoscale = raw[tier].get("autoscale")
+        if autoscale:
+            for target in getattr(config, tier).autoscale.targets:
+                autoscale[target.key] = target.limit_ms
+            del autoscale["targets"]
+    if config.is_colocated:  # no prefill tier, and the router prefills nothing elsewhere
+        raw.pop("prefill")
+        raw["router"].pop("disaggregation", None)
     router = raw["router"]
-    auth = {"tokens_file": router.pop("tokens_file")}
-    tls = {k: router.pop(f"tls_{k}") for k in ("cert", "key", "client_ca")}
+    auth = {"tokens_file": router.pop("tokens_file", None)}
+    tls = {k: router.pop(f"tls_{k}", None) for k in ("cert", "key", "client_ca")}
     if auth["tokens_file"]:
         router["auth"] = auth
     if tls["cert"]:

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._report import command_line, machine_info, print_table, write_json  # noqa: E402
+from mesh.cuda_timing import median_replay_ms  # noqa: E402
 
 NUM_GPUS = 2
 KIB = 1 << 10
@@ -177,16 +177,9 @@ def _time_step(step, replays: int, group) -> float:
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier(group=group)
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+    step_ms = median_replay_ms(graph, replays)
     del graph
-    return statistics.median(times)
+    return step_ms
 
 
 # ---- processes -------------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ then each of `replays` replays is timed with CUDA events; the median replay over
 
 from __future__ import annotations
 
-import statistics
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from mesh.cuda_timing import median_replay_ms
 
 _ROTATION_BYTES = 256 << 20  # at most this much input memory per timing
 
@@ -33,16 +34,9 @@ def _graph_time_us(run_call: Callable[[int], None], *, calls: int, replays: int,
     graph.replay()
     torch.cuda.synchronize()
     dist.barrier(group=group)
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1000.0 / calls)
+    per_call_us = median_replay_ms(graph, replays) * 1000.0 / calls
     del graph
-    return statistics.median(times)
+    return per_call_us
 
 
 def _inputs(num_bytes: int, dtype: torch.dtype, calls: int, world_size: int) -> list[torch.Tensor]:

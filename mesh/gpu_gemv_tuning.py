@@ -12,12 +12,13 @@ layer would sit in L2 on repeats and flatter the result).
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from mesh.cuda_timing import median_replay_ms
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down", "lm_head")
 
@@ -35,17 +36,9 @@ def graph_time_us(calls: Sequence[Callable[[], Any]], *, repeats: int = 5) -> fl
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) * 1e3)
+    per_call_us = median_replay_ms(graph, repeats) * 1e3 / len(calls)
     del graph
-    return statistics.median(times) / len(calls)
+    return per_call_us
 
 
 def _weights(decoder: Any, name: str) -> list[torch.Tensor]:

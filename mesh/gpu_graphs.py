@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mesh.cuda_timing import median_replay_ms
 from mesh.gpu_decoder import GpuDecoder
 from mesh.gpu_ops import is_fusable
 from mesh.triton_pdl import is_supported as pdl_supported
@@ -148,9 +149,9 @@ class DecodeGraphs:
                             raise  # the plain step itself failed: nothing to fall back to
                         errors.append(f"fused={fused} pdl={pdl}: {type(error).__name__}: {str(error)[:300]}")
                         continue
-                    variants[(fused, pdl)] = (graph, _replay_ms(graph[0]))
+                    variants[(fused, pdl)] = (graph, median_replay_ms(graph[0]))
             if not variants:
-                variants[(False, False)] = (graph := self._capture_one(rows, False, False, pool), _replay_ms(graph[0]))
+                variants[(False, False)] = (graph := self._capture_one(rows, False, False, pool), median_replay_ms(graph[0]))
             (fused, pdl), (graph, _) = min(variants.items(), key=lambda item: item[1][1])
             self.is_fused[rows], self.is_pdl[rows] = fused, pdl
             self._graphs[rows] = graph
@@ -251,16 +252,3 @@ class DecodeGraphs:
         io[_IO_SLOTS, start:stop] = -1
         io[_IO_SEQ_LENS, start:stop] = 0
 
-
-def _replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 7) -> float:
-    """Median device milliseconds of a replay (after one untimed replay)."""
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]

@@ -59,10 +59,11 @@ class PdclusterError(Exception):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from a prefill replica's prefix cache
 
     def __getitem__(self, key: str) -> int:
         """usage["prompt_tokens"] works too, like the timings dict."""
-        if key not in ("prompt_tokens", "completion_tokens"):
+        if key not in ("prompt_tokens", "completion_tokens", "cached_prompt_tokens"):
             raise KeyError(key)
         return getattr(self, key)
 
@@ -133,7 +134,8 @@ def chunk_from_response(response: generation_pb2.GenerateResponse) -> Chunk:
         text=response.text,
         request_id=response.request_id,
         finish_reason=_FINISH_REASON_NAMES.get(response.finish_reason, "error"),
-        usage=Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens),
+        usage=Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+                    cached_prompt_tokens=response.usage.cached_prompt_tokens),
         timings=timings,
         prefill_replica=response.prefill_replica,
         decode_replica=response.decode_replica,

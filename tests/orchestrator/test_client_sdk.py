@@ -55,6 +55,17 @@ def test_usage_reads_as_attributes_and_keys():
         usage["tokens"]
 
 
+def test_final_chunk_carries_the_cached_prompt_tokens():
+    from orchestrator.client import chunk_from_response
+    from protos import generation_pb2
+
+    response = generation_pb2.GenerateResponse(
+        request_id="r", finish_reason=generation_pb2.FINISH_REASON_LENGTH,
+        usage=generation_pb2.Usage(prompt_tokens=40, completion_tokens=2, cached_prompt_tokens=32))
+    usage = chunk_from_response(response).usage
+    assert (usage.prompt_tokens, usage.cached_prompt_tokens, usage["cached_prompt_tokens"]) == (40, 32, 32)
+
+
 def test_client_arguments_are_checked():
     with pytest.raises(ValueError, match="retries"):
         Client("127.0.0.1:1", retries=-1)

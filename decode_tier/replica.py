@@ -185,7 +185,7 @@ class DecodeReplica:
         info = MeshReservation(request_id=request_id, num_tokens=num_prompt_tokens, block_ids=tuple(block_ids),
                                src=src, dst=self._layout, head_dim=first.shape[4],
                                dtype=str(first.dtype).removeprefix("torch."), targets=tuple(targets),
-                               has_checksum=self._checksum)
+                               has_checksum=self._checksum, lease_s=self._lease_s)
         task = asyncio.create_task(self._await_kv(request_id))
         # A lease that expires while nobody awaits the task is handled inside _await_kv; mark it retrieved.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -71,6 +71,9 @@ class MeshReservation:
     dtype: str  # torch dtype name without "torch."
     targets: tuple[RankTarget, ...]  # one per decode rank, in rank order
     has_checksum: bool = False
+    # The decode side frees the reservation this long after posting it if the KV has not all landed: a sender has
+    # no reason to wait longer for its sends (None: no lease known).
+    lease_s: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.targets) != self.dst.world_size:

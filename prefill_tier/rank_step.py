@@ -29,6 +29,12 @@ from prefill_tier.prefix_store import PrefixKVStore
 log = logging.getLogger("pdcluster.prefill")
 
 FINISH_TIMEOUT_S = 60.0  # a rank's KV sends of one step must complete within this
+
+
+def finish_timeout_s(info) -> float:
+    """How long a rank waits for one request's KV sends: never past the decode side's lease (by then the decode
+    replica freed the reservation, so a peer that vanished without closing its connection holds nobody longer)."""
+    return min(FINISH_TIMEOUT_S, info.lease_s) if info.lease_s else FINISH_TIMEOUT_S
 EVENT_POLL_S = 0.0001  # how often the loop checks whether a layer's K/V kernels are done (GPU)
 
 
@@ -155,7 +161,8 @@ class PrefillRankCore:
                 future.result()
             except Exception as error:
                 outcome.errors.setdefault(request_id, f"{type(error).__name__}: {error}")
-        finishes = [(info, asyncio.run_coroutine_threadsafe(self.sender.finish(info, FINISH_TIMEOUT_S), self._loop))
+        finishes = [(info, asyncio.run_coroutine_threadsafe(self.sender.finish(info, finish_timeout_s(info)),
+                                                            self._loop))
                     for info in step.reservations if info is not None]
         for info, future in finishes:
             try:

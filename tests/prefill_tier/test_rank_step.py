@@ -87,3 +87,13 @@ def test_prefill_step_ships_kv_and_decode_continues_exactly(model, loop, layerwi
             streams[output.request_id].append(output.token_id)
     for i, prompt in enumerate(prompts):
         assert streams[f"r{i}"] == _greedy(model, prompt, params.max_tokens)
+
+
+def test_kv_sends_wait_no_longer_than_the_decode_lease():
+    from types import SimpleNamespace
+
+    from prefill_tier.rank_step import FINISH_TIMEOUT_S, finish_timeout_s
+
+    assert finish_timeout_s(SimpleNamespace(lease_s=5.0)) == 5.0
+    assert finish_timeout_s(SimpleNamespace(lease_s=10 * FINISH_TIMEOUT_S)) == FINISH_TIMEOUT_S
+    assert finish_timeout_s(SimpleNamespace(lease_s=None)) == FINISH_TIMEOUT_S

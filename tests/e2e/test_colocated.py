@@ -150,3 +150,28 @@ def test_seeded_stream_is_the_same_prefilled_locally_or_by_the_prefill_tier(colo
         where.append(chunks[-1].prefill_replica)
     assert where[0].startswith("decode-") and where[1] == "prefill-0"
     assert streams[0] == streams[1] and len(streams[0]) == 12
+
+
+@pytest.fixture(scope="module")
+def saturating(ray_local, model_dir):
+    """Every prompt may use the prefill tier, but only while no prompt token is in flight there (threshold 0): the
+    first of a concurrent batch goes to the prefill tier, the ones that arrive while it is busy are prefilled on the
+    decode replica."""
+    base = cluster_config(model_dir)
+    rule = DisaggregationSection(min_prefill_tokens=0, prefill_when_saturated=True, saturated_queued_tokens=0)
+    config = dataclasses.replace(base, router=dataclasses.replace(base.router, disaggregation=rule),
+                                 decode=dataclasses.replace(base.decode, max_num_seqs=8, max_step_tokens=32))
+    with RunningCluster(config) as cluster:
+        yield cluster
+
+
+def test_a_saturated_prefill_tier_sends_prompts_to_the_decode_replica(saturating, expected):
+    prompts = _prompts()
+    results = generate_concurrently(saturating.address, prompts, max_tokens=MAX_NEW_TOKENS)
+    where = [last.prefill_replica for _, last in results]
+    for prompt, (tokens, last), ref in zip(prompts, results, expected):
+        assert tokens == ref, f"prompt of {len(prompt)} tokens diverged from transformers"
+        assert (last.timings["kv_bytes"] > 0) == (last.prefill_replica == "prefill-0")
+    assert "prefill-0" in where, where  # the first request found the prefill tier idle
+    assert "decode-0" in where, where  # later ones found it busy and stayed on the decode replica
+    _all_blocks_free(saturating)

@@ -34,7 +34,8 @@ FINISH_TIMEOUT_S = 60.0  # a rank's KV sends of one step must complete within th
 def finish_timeout_s(info) -> float:
     """How long a rank waits for one request's KV sends: never past the decode side's lease (by then the decode
     replica freed the reservation, so a peer that vanished without closing its connection holds nobody longer)."""
-    return min(FINISH_TIMEOUT_S, info.lease_s) if info.lease_s else FINISH_TIMEOUT_S
+    lease_s = getattr(info, "lease_s", None)  # stand-ins of a reservation (tests) may have no lease at all
+    return min(FINISH_TIMEOUT_S, lease_s) if lease_s else FINISH_TIMEOUT_S
 EVENT_POLL_S = 0.0001  # how often the loop checks whether a layer's K/V kernels are done (GPU)
 
 

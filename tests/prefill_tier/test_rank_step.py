@@ -96,4 +96,4 @@ def test_kv_sends_wait_no_longer_than_the_decode_lease():
 
     assert finish_timeout_s(SimpleNamespace(lease_s=5.0)) == 5.0
     assert finish_timeout_s(SimpleNamespace(lease_s=10 * FINISH_TIMEOUT_S)) == FINISH_TIMEOUT_S
-    assert finish_timeout_s(SimpleNamespace(lease_s=None)) == FINISH_TIMEOUT_S
+    assert finish_timeout_s(SimpleNamespace(lease_s=None)) == finish_timeout_s(SimpleNamespace()) == FINISH_TIMEOUT_S

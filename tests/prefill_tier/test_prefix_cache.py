@@ -5,7 +5,6 @@ KV shipped to the decode side is the whole prompt's, so decoding continues exact
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -134,16 +133,6 @@ def test_an_aborted_step_stores_nothing_and_every_rank_drops_its_keys():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return CausalLM.load(make_model(tmp_path_factory.mktemp("m") / "tiny-llama", "tiny-llama", seed=5))
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 def _greedy(model: CausalLM, prompt: list[int], num_tokens: int) -> list[int]:

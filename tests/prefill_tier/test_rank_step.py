@@ -5,7 +5,6 @@ Then the decode engine continues from the shipped KV: the whole stream equals gr
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 import torch
@@ -34,16 +33,6 @@ def _greedy(model: CausalLM, prompt: list[int], num_tokens: int) -> list[int]:
         batch = AttentionBatch([len(tokens)], [0], None, torch.tensor([len(tokens) - 1]))
         tokens.append(int(model(torch.tensor(tokens), torch.arange(len(tokens)), batch).argmax(-1)))
     return tokens[len(prompt):]
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 @pytest.mark.parametrize("layerwise", [True, False])

@@ -5,8 +5,6 @@ default choice in bf16 on CUDA (Triton ops, varlen flash attention)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import types
 
 import pytest
@@ -33,16 +31,6 @@ class _RecordingSender:
     async def finish(self, info, timeout_s):
         num_bytes = sum(k.numel() + v.numel() for (rid, _), (k, v) in self.pushed.items() if rid == info.request_id)
         return types.SimpleNamespace(num_bytes=num_bytes)
-
-
-@pytest.fixture
-def loop():
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
 
 
 def _step(model: CausalLM, prompts: list[list[int]], shipping: list[bool]) -> PrefillStep:
